@@ -1,0 +1,1 @@
+"""Runs untrusted runes: legacy `.rune` modules and bundles, inside wasmtime with hard limits."""

@@ -1,0 +1,143 @@
+"""The wasmtime engine runes run on, and the one way to call into a rune.
+
+Rules:
+- One engine per process, with fuel and epoch interruption on. A ticker thread advances the epoch
+  every `TICK_SECONDS` only while some call is in progress, so an idle device does not wake.
+- Every call into wasm goes through `call_guest`: it refuels the store, sets the wall-clock
+  deadline, and turns traps into `SandboxError`s that name the rune and what it did.
+- Modules are compiled only after a size check, and compile errors become `ModuleRejected`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import wasmtime
+
+from agent.sandbox.errors import GuestFault, LimitExceeded, ModuleRejected, SandboxError
+from agent.sandbox.limits import SandboxLimits
+
+TICK_SECONDS = 0.005
+T = TypeVar("T")
+
+
+class _EpochTicker:
+    def __init__(self, engine: wasmtime.Engine) -> None:
+        self._engine = engine
+        self._active = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wasm-epoch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            while self._active:
+                self._wake.clear()
+                time.sleep(TICK_SECONDS)
+                self._engine.increment_epoch()
+
+    def enter(self) -> None:
+        with self._lock:
+            self._active += 1
+            self._wake.set()
+
+    def leave(self) -> None:
+        with self._lock:
+            self._active -= 1
+
+
+_engine: wasmtime.Engine | None = None
+_ticker: _EpochTicker | None = None
+_engine_lock = threading.Lock()
+
+
+def engine() -> wasmtime.Engine:
+    global _engine, _ticker
+    with _engine_lock:
+        if _engine is None:
+            config = wasmtime.Config()
+            config.consume_fuel = True
+            config.epoch_interruption = True
+            config.wasm_threads = False
+            _engine = wasmtime.Engine(config)
+            _ticker = _EpochTicker(_engine)
+        return _engine
+
+
+def compile_module(data: bytes, what: str, limits: SandboxLimits) -> wasmtime.Module:
+    if len(data) > limits.module_bytes:
+        raise LimitExceeded(
+            f"{what} is {len(data)} bytes, over the {limits.module_bytes}-byte module limit"
+        )
+    if data[:4] != b"\0asm":
+        raise ModuleRejected(f"{what} is not a WebAssembly module (it does not start with \\0asm)")
+    try:
+        return wasmtime.Module(engine(), data)
+    except wasmtime.WasmtimeError as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise ModuleRejected(f"{what} is not a valid WebAssembly module: {reason}") from None
+
+
+def new_store(limits: SandboxLimits) -> wasmtime.Store:
+    store = wasmtime.Store(engine())
+    store.set_limits(
+        memory_size=limits.memory_bytes,
+        instances=limits.max_instances,
+        tables=4,
+        memories=1,
+        table_elements=100_000,
+    )
+    return store
+
+
+def call_guest(
+    store: wasmtime.Store,
+    func: Callable[..., T],
+    *args: Any,
+    what: str,
+    limits: SandboxLimits,
+) -> T:
+    """Call into wasm under the per-call fuel and wall-clock limits."""
+    engine()
+    assert _ticker is not None
+    store.set_fuel(limits.fuel_per_call)
+    store.set_epoch_deadline(max(1, math.ceil(limits.wall_clock_ms / 1000 / TICK_SECONDS)))
+    _ticker.enter()
+    try:
+        return func(store, *args)
+    except SandboxError:
+        raise
+    except wasmtime.Trap as trap:
+        raise _trap_error(trap, what, limits) from None
+    except wasmtime.WasmtimeError as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise GuestFault(f"{what} failed: {reason}") from None
+    finally:
+        _ticker.leave()
+
+
+def _trap_error(trap: wasmtime.Trap, what: str, limits: SandboxLimits) -> SandboxError:
+    code = trap.trap_code
+    if code == wasmtime.TrapCode.OUT_OF_FUEL:
+        return LimitExceeded(
+            f"{what} ran out of fuel ({limits.fuel_per_call} units per call): it loops too long "
+            "or does too much work in one call"
+        )
+    if code == wasmtime.TrapCode.INTERRUPT:
+        return LimitExceeded(f"{what} ran past the {limits.wall_clock_ms} ms wall-clock limit")
+    if code == wasmtime.TrapCode.MEMORY_OUT_OF_BOUNDS:
+        return GuestFault(f"{what} trapped: it read or wrote outside its own memory")
+    if code == wasmtime.TrapCode.UNREACHABLE:
+        return GuestFault(
+            f"{what} trapped: it reached `unreachable` (a panic or abort in the rune)"
+        )
+    if code == wasmtime.TrapCode.STACK_OVERFLOW:
+        return GuestFault(f"{what} trapped: stack overflow (unbounded recursion?)")
+    name = code.name.lower().replace("_", " ") if code is not None else "an unknown trap"
+    return GuestFault(f"{what} trapped: {name}")

@@ -1,0 +1,4 @@
+"""The controller: enrollment, rollouts, the command outbox, telemetry, metrics and `fleetctl`.
+
+Uses `attestation` and `ota`; never imports `agent`.
+"""

@@ -1,0 +1,1 @@
+"""The rune format: Runefiles, the bundle a build produces, and legacy `.rune` modules."""
