@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from agent.sandbox.errors import ModuleRejected, SandboxError
+from agent.sandbox.errors import SandboxError
 from agent.sandbox.inputs import InputFiles, InputSources
 from agent.sandbox.models import inspect_model
 from agent.sandbox.runner import load_rune
@@ -76,11 +76,12 @@ def build(
         _fail(f"cannot write {target}: {exc.strerror or exc}", EXIT_FAILED)
     for warning in result.warnings:
         err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    digest = sha256_hex(result.data)
     summary = {
         "path": str(target),
         "name": manifest.name,
         "version": manifest.version,
-        "sha256": sha256_hex(result.data),
+        "sha256": digest,
         "size": len(result.data),
         "stages": len(manifest.stages),
         "warnings": result.warnings,
@@ -91,7 +92,7 @@ def build(
         out.print(
             f"built [bold]{manifest.name}@{manifest.version}[/] -> {target} "
             f"({len(result.data)} bytes, {len(manifest.stages)} stages, "
-            f"sha256 {summary['sha256'][:16]}...)",
+            f"sha256 {digest[:16]}...)",
             highlight=False,
         )
 
@@ -131,10 +132,8 @@ def run(
     sources = InputSources(InputFiles(image, sound, accel, raw, random))
     try:
         rune = load_rune(data, name=file.name, sources=sources, allowed=_allowed(allow))
-    except ModuleRejected as exc:
-        _fail(str(exc), EXIT_INVALID)
     except SandboxError as exc:
-        _fail(str(exc), EXIT_FAILED)
+        _fail(str(exc), EXIT_INVALID)
     results: list[dict[str, Any]] = []
     for index in range(count):
         try:

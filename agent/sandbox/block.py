@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import wasmtime
 
-from agent.sandbox.engine import call_guest, compile_module, new_store
+from agent.sandbox.engine import call_guest, compile_module, export_func, new_store
 from agent.sandbox.errors import (
     GuestFault,
     LimitExceeded,
@@ -74,16 +74,15 @@ class BlockInstance:
         if not isinstance(memory, wasmtime.Memory):
             raise ModuleRejected(f"{what}: export {EXPORT_MEMORY} is not a memory")
         self._memory = GuestMemory(memory, self._store)
-        self._alloc = exports[EXPORT_ALLOC]
-        self._transform = exports[EXPORT_TRANSFORM]
+        self._alloc = export_func(exports, EXPORT_ALLOC, what)
+        self._transform = export_func(exports, EXPORT_TRANSFORM, what)
         self._region = 0
         self._capacity = 0
-        configure = exports.get(EXPORT_CONFIGURE) if hasattr(exports, "get") else None
-        if configure is None:
-            try:
-                configure = exports[EXPORT_CONFIGURE]
-            except KeyError:
-                configure = None
+        configure = (
+            export_func(exports, EXPORT_CONFIGURE, what)
+            if exports.get(EXPORT_CONFIGURE) is not None
+            else None
+        )
         if configure is None:
             if args:
                 raise ModuleRejected(

@@ -5,16 +5,18 @@ Rules:
   every `TICK_SECONDS` only while some call is in progress, so an idle device does not wake.
 - Every call into wasm goes through `call_guest`: it refuels the store, sets the wall-clock
   deadline, and turns traps into `SandboxError`s that name the rune and what it did.
-- Modules are compiled only after a size check, and compile errors become `ModuleRejected`.
+- Modules are compiled only after a size check, and compile errors become `ModuleRejected`;
+  compiled modules are reused by SHA-256 (a module is immutable code, so equal bytes are equal).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections import OrderedDict
+from typing import Any
 
 import wasmtime
 
@@ -22,7 +24,6 @@ from agent.sandbox.errors import GuestFault, LimitExceeded, ModuleRejected, Sand
 from agent.sandbox.limits import SandboxLimits
 
 TICK_SECONDS = 0.005
-T = TypeVar("T")
 
 
 class _EpochTicker:
@@ -70,18 +71,34 @@ def engine() -> wasmtime.Engine:
         return _engine
 
 
+_compiled: OrderedDict[str, wasmtime.Module] = OrderedDict()
+COMPILED_CACHE_SIZE = 32
+
+
 def compile_module(data: bytes, what: str, limits: SandboxLimits) -> wasmtime.Module:
+    """Compile (or reuse, by SHA-256, the compiled form of) a module within the size limit."""
     if len(data) > limits.module_bytes:
         raise LimitExceeded(
             f"{what} is {len(data)} bytes, over the {limits.module_bytes}-byte module limit"
         )
     if data[:4] != b"\0asm":
         raise ModuleRejected(f"{what} is not a WebAssembly module (it does not start with \\0asm)")
+    digest = hashlib.sha256(data).hexdigest()
+    with _engine_lock:
+        cached = _compiled.get(digest)
+        if cached is not None:
+            _compiled.move_to_end(digest)
+            return cached
     try:
-        return wasmtime.Module(engine(), data)
+        module = wasmtime.Module(engine(), data)
     except wasmtime.WasmtimeError as exc:
         reason = str(exc).strip().splitlines()[0]
         raise ModuleRejected(f"{what} is not a valid WebAssembly module: {reason}") from None
+    with _engine_lock:
+        _compiled[digest] = module
+        while len(_compiled) > COMPILED_CACHE_SIZE:
+            _compiled.popitem(last=False)
+    return module
 
 
 def new_store(limits: SandboxLimits) -> wasmtime.Store:
@@ -96,13 +113,21 @@ def new_store(limits: SandboxLimits) -> wasmtime.Store:
     return store
 
 
+def export_func(exports: Any, name: str, what: str) -> wasmtime.Func:
+    """The exported function `name`, or `ModuleRejected` if it is missing or not a function."""
+    item = exports.get(name)
+    if not isinstance(item, wasmtime.Func):
+        raise ModuleRejected(f"{what} does not export a function {name}")
+    return item
+
+
 def call_guest(
     store: wasmtime.Store,
-    func: Callable[..., T],
+    func: wasmtime.Func,
     *args: Any,
     what: str,
     limits: SandboxLimits,
-) -> T:
+) -> Any:
     """Call into wasm under the per-call fuel and wall-clock limits."""
     engine()
     assert _ticker is not None

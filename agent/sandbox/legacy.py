@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import wasmtime
 
-from agent.sandbox.engine import call_guest, compile_module, engine, new_store
+from agent.sandbox.engine import call_guest, compile_module, engine, export_func, new_store
 from agent.sandbox.errors import (
     CapabilityDenied,
     GuestFault,
@@ -130,7 +130,8 @@ class LegacyRune:
         if not isinstance(memory, wasmtime.Memory):
             raise ModuleRejected(f"{name}: export memory is not a memory")
         self._memory = GuestMemory(memory, self._store)
-        self._manifest_fn, self._call_fn = ex["_manifest"], ex["_call"]
+        self._manifest_fn = export_func(ex, "_manifest", name)
+        self._call_fn = export_func(ex, "_call", name)
         self._next_id = 1
         self._capabilities: dict[int, _Capability] = {}
         self._outputs: dict[int, OutKind] = {}
@@ -144,16 +145,17 @@ class LegacyRune:
         refused = []
         for item in compiled.imports:
             label = f"{item.module}.{item.name}"
+            import_name = item.name or ""
             functype = item.type
             if item.module != "env" or not isinstance(functype, wasmtime.FuncType):
                 refused.append(
                     label + (" (WASI is not available)" if "wasi" in item.module else "")
                 )
                 continue
-            if item.name in REMOVED_FUNCTIONS:
-                linker.define_func("env", item.name, functype, self._removed(item.name))
+            if import_name in REMOVED_FUNCTIONS:
+                linker.define_func("env", import_name, functype, self._removed(import_name))
                 continue
-            expected = HOST_FUNCTIONS.get(item.name)
+            expected = HOST_FUNCTIONS.get(import_name)
             i32 = wasmtime.ValType.i32()
             if expected is None:
                 refused.append(label)
@@ -171,9 +173,9 @@ class LegacyRune:
                 continue
             linker.define_func(
                 "env",
-                item.name,
+                import_name,
                 functype,
-                self._host(getattr(self, f"_h{item.name}"), bool(results)),
+                self._host(getattr(self, f"_h{import_name}"), bool(results)),
             )
         if refused:
             raise ModuleRejected(

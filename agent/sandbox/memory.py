@@ -15,7 +15,7 @@ from agent.sandbox.errors import GuestFault, LimitExceeded
 
 
 class GuestMemory:
-    def __init__(self, memory: wasmtime.Memory, store: wasmtime.Storelike) -> None:
+    def __init__(self, memory: wasmtime.Memory, store: wasmtime.Store) -> None:
         self._memory = memory
         self._store = store
 

@@ -179,7 +179,7 @@ class _Builder:
         if ref.builtin is not None:
             block = BUILTINS[ref.builtin]
             self.contents[part] = builtin_wasm(ref.builtin)
-            self.checkers[stage.name] = lambda s, types, b=block: b.check(s, types)
+            self.checkers[stage.name] = block.check
             return BundleStage(stage, part=part, source=f"builtin:{ref.builtin}")
         assert ref.path is not None
         data = self._read(where, ref.path)
