@@ -112,11 +112,18 @@ class BlockInstance:
         return ptr
 
     def transform(self, inputs: Sequence[Tensor]) -> list[Tensor]:
-        size = len(pack_inputs(0, inputs))
-        base = self._reserve(size)
-        self._memory.write(base, pack_inputs(base, inputs), f"{self.what} inputs")
+        payload = pack_inputs(self._region, inputs)
+        if len(payload) > self._capacity:
+            base = self._reserve(len(payload))
+            payload = pack_inputs(base, inputs)
+        self._memory.write(self._region, payload, f"{self.what} inputs")
         result = call_guest(
-            self._store, self._transform, base, len(inputs), what=self.what, limits=self._limits
+            self._store,
+            self._transform,
+            self._region,
+            len(inputs),
+            what=self.what,
+            limits=self._limits,
         )
         return self._check_result(result, "transform")
 
