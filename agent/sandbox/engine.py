@@ -16,6 +16,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import wasmtime
@@ -38,8 +39,8 @@ class _EpochTicker:
     def _run(self) -> None:
         while True:
             self._wake.wait()
+            self._wake.clear()
             while self._active:
-                self._wake.clear()
                 time.sleep(TICK_SECONDS)
                 self._engine.increment_epoch()
 
@@ -123,7 +124,7 @@ def export_func(exports: Any, name: str, what: str) -> wasmtime.Func:
 
 def call_guest(
     store: wasmtime.Store,
-    func: wasmtime.Func,
+    func: wasmtime.Func | Callable[[wasmtime.Store], Any],
     *args: Any,
     what: str,
     limits: SandboxLimits,

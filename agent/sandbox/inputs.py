@@ -3,7 +3,8 @@
 Rules:
 - IMAGE / FLOAT_IMAGE: the image file is decoded (Pillow), resized to the capability's width and
   height and converted to its pixel format: u8 bytes (FLOAT_IMAGE: f32 in [0, 1]), row-major HWC.
-- SOUND: a PCM WAV (8/16/32-bit, any channels: mixed down to mono) resampled to `hz`; i16.
+- SOUND: a PCM WAV (8/16/32-bit, any channels: mixed down to mono) resampled to `hz` (at most
+  `MAX_SOUND_HZ`); i16.
 - ACCEL: a CSV of X, Y, Z rows (a non-numeric first row is a header); f32, interleaved.
 - RAW: the file's bytes. RAND: bytes from a generator seeded with `seed`, numbers for typed
   tensors (integers over their whole range, floats uniform in [0, 1)).
@@ -11,7 +12,8 @@ Rules:
   end of the file, so a recording replays continuously. Each capability stage has its own cursor.
 - The host fills exactly the bytes a rune asks for; a size that does not match what the
   capability makes is an `InputError` naming both, and a missing or unreadable file is an
-  `InputError` naming the flag to pass.
+  `InputError` naming the flag to pass. Sizes are checked before an image is decoded and `hz`
+  is capped, so a rune's args alone cannot make the host do unbounded work.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ FLAGS = {
     CapabilityKind.ACCEL: "--accel",
     CapabilityKind.RAW: "--raw",
 }
+MAX_SOUND_HZ = 384_000
 
 
 @dataclass
@@ -65,15 +68,21 @@ class InputSources:
             return self._random(key, element, nbytes)
         path = self._path(kind)
         if kind in (CapabilityKind.IMAGE, CapabilityKind.FLOAT_IMAGE):
-            data = self._image(path, spec).tobytes()
-            if len(data) != nbytes:
+            size = spec.width * spec.height * spec.pixel_format.channels
+            size *= 4 if kind is CapabilityKind.FLOAT_IMAGE else 1
+            if size != nbytes:
                 raise InputError(
                     f"the rune asks for {nbytes} bytes of {kind.name}, but a {spec.width}x"
-                    f"{spec.height} {spec.pixel_format.name} image is {len(data)} bytes; check "
+                    f"{spec.height} {spec.pixel_format.name} image is {size} bytes; check "
                     "its width, height and pixel_format args"
                 )
-            return data
+            return self._image(path, spec).tobytes()
         if kind is CapabilityKind.SOUND:
+            if spec.hz > MAX_SOUND_HZ:
+                raise InputError(
+                    f"the rune asks for SOUND at {spec.hz} Hz; the most the host resamples "
+                    f"to is {MAX_SOUND_HZ} Hz"
+                )
             return self._window(key, self._sound(path, spec.hz), nbytes, 2, kind)
         if kind is CapabilityKind.ACCEL:
             return self._window(key, self._accel(path), nbytes, 12, kind)

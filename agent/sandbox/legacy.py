@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -117,14 +118,21 @@ class LegacyRune:
             raise ModuleRejected(
                 f"{name} is not a legacy rune: it does not export {', '.join(missing)}"
             )
-        try:
-            instance = linker.instantiate(self._store, compiled)
-        except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
-            raise LimitExceeded(
-                f"{name} could not start within the sandbox limits (memory "
-                f"{self.limits.memory_bytes} bytes): "
-                f"{str(exc).strip().splitlines()[0]}"
-            ) from None
+
+        def instantiate(store: wasmtime.Store) -> wasmtime.Instance:
+            try:
+                return linker.instantiate(store, compiled)
+            except wasmtime.WasmtimeError as exc:
+                raise LimitExceeded(
+                    f"{name} could not start within the sandbox limits (memory "
+                    f"{self.limits.memory_bytes} bytes): "
+                    f"{str(exc).strip().splitlines()[0]}"
+                ) from None
+
+        # A wasm start function runs here, under the same fuel and wall clock as a call.
+        instance = call_guest(
+            self._store, instantiate, what=f"{name} start function", limits=self.limits
+        )
         ex = instance.exports(self._store)
         memory = ex["memory"]
         if not isinstance(memory, wasmtime.Memory):
@@ -215,7 +223,8 @@ class LegacyRune:
             level = str(record.get("level", "INFO")).upper() if isinstance(record, dict) else "INFO"
         except json.JSONDecodeError:
             message, level = text, "INFO"
-        log.log(getattr(logging, level, logging.INFO), "%s: %s", self.name, message)
+        levels = logging.getLevelNamesMapping()
+        log.log(levels.get(level, logging.INFO), "%s: %s", self.name, message)
         return 0
 
     def _hrequest_capability(self, kind_code: int) -> int:
@@ -260,7 +269,10 @@ class LegacyRune:
                 f"{size} bytes, not {value_len}"
             )
         raw = self._memory.read(value_ptr, value_len, "request_capability_set_param value")
-        capability.params[key.replace("-", "_")] = struct.unpack(fmt, raw)[0]
+        value = struct.unpack(fmt, raw)[0]
+        if isinstance(value, float) and not math.isfinite(value):
+            raise GuestFault(f"{self.name}: capability param {key!r} is {value}, not a number")
+        capability.params[key.replace("-", "_")] = value
         return 0
 
     def _capability(self, cap_id: int, call: str) -> _Capability:
@@ -353,8 +365,17 @@ class LegacyRune:
         for out_ptr, tensor_type in zip(out_ptrs, loaded.outputs, strict=True):
             self._memory.check(out_ptr, tensor_type.byte_size, "rune_model_infer output")
         results = run_model(loaded.model, arrays, f"{self.name} model {model_id}")
-        for ptr, tensor_type, result in zip(out_ptrs, loaded.outputs, results, strict=True):
-            data = np.ascontiguousarray(result, dtype=tensor_type.element.dtype).tobytes()
+        outputs = [
+            np.ascontiguousarray(result, dtype=tensor_type.element.dtype).tobytes()
+            for tensor_type, result in zip(loaded.outputs, results, strict=True)
+        ]
+        for tensor_type, data in zip(loaded.outputs, outputs, strict=True):
+            if len(data) != tensor_type.byte_size:
+                raise ModelError(
+                    f"{self.name} model {model_id} made {len(data)} bytes for its output "
+                    f"{tensor_type} ({tensor_type.byte_size} bytes); nothing was written"
+                )
+        for ptr, data in zip(out_ptrs, outputs, strict=True):
             self._memory.write(ptr, data, "rune_model_infer output")
         return 0
 
