@@ -18,6 +18,7 @@ to change when it does not. Pure: no I/O.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,7 @@ def _whole(args: dict[str, Any], key: str, default: int | None, *, alias: str = 
     if (
         isinstance(number, bool)
         or not isinstance(number, int | float)
+        or not math.isfinite(number)
         or number != int(number)
         or number <= 0
     ):

@@ -163,3 +163,11 @@ pipeline:
 """)
     assert any("refers to resource $MISSING, which is not declared" in p for p in problems)
     assert problems_of("version: 1\npipeline: [\n")[0].startswith("line ")
+
+
+def test_non_finite_capability_args_are_a_clear_error() -> None:
+    from ota.rune.capabilities import CapabilityArgError, parse_capability
+
+    for value in (float("nan"), float("inf"), ".nan"):
+        with pytest.raises(CapabilityArgError, match="n must be a positive whole number"):
+            parse_capability(CapabilityKind.ACCEL, {"n": value})
