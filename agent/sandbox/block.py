@@ -14,9 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import wasmtime
-
-from agent.sandbox.engine import call_guest, compile_module, export_func, new_store
+from agent.sandbox.engine import (
+    call_guest,
+    compile_module,
+    export_func,
+    instantiate,
+    new_store,
+)
 from agent.sandbox.errors import (
     GuestFault,
     LimitExceeded,
@@ -24,12 +28,10 @@ from agent.sandbox.errors import (
     RuneReportedError,
 )
 from agent.sandbox.limits import SandboxLimits
-from agent.sandbox.memory import GuestMemory
 from ota.rune.blocks.abi import (
     DESCRIPTOR,
     EXPORT_ALLOC,
     EXPORT_CONFIGURE,
-    EXPORT_MEMORY,
     EXPORT_TRANSFORM,
     RESULT,
     STATUS_OK,
@@ -61,19 +63,7 @@ class BlockInstance:
         if problems:
             raise ModuleRejected(f"{what} is not a fleet-block/1 block: {'; '.join(problems)}")
         self._store = new_store(limits)
-        try:
-            instance = wasmtime.Instance(self._store, compiled, [])
-        except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
-            raise LimitExceeded(
-                f"{what} could not start within the sandbox limits "
-                f"(memory {limits.memory_bytes} bytes): "
-                f"{str(exc).strip().splitlines()[0]}"
-            ) from None
-        exports = instance.exports(self._store)
-        memory = exports[EXPORT_MEMORY]
-        if not isinstance(memory, wasmtime.Memory):
-            raise ModuleRejected(f"{what}: export {EXPORT_MEMORY} is not a memory")
-        self._memory = GuestMemory(memory, self._store)
+        exports, self._memory = instantiate(self._store, compiled, what, limits)
         self._alloc = export_func(exports, EXPORT_ALLOC, what)
         self._transform = export_func(exports, EXPORT_TRANSFORM, what)
         self._region = 0

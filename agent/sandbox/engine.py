@@ -5,6 +5,7 @@ Rules:
   every `TICK_SECONDS` only while some call is in progress, so an idle device does not wake.
 - Every call into wasm goes through `call_guest`: it refuels the store, sets the wall-clock
   deadline, and turns traps into `SandboxError`s that name the rune and what it did.
+- Instantiation runs under the same limits (a wasm start function is code too).
 - Modules are compiled only after a size check, and compile errors become `ModuleRejected`;
   compiled modules are reused by SHA-256 (a module is immutable code, so equal bytes are equal).
 """
@@ -23,6 +24,7 @@ import wasmtime
 
 from agent.sandbox.errors import GuestFault, LimitExceeded, ModuleRejected, SandboxError
 from agent.sandbox.limits import SandboxLimits
+from agent.sandbox.memory import GuestMemory
 
 TICK_SECONDS = 0.005
 
@@ -120,6 +122,37 @@ def export_func(exports: Any, name: str, what: str) -> wasmtime.Func:
     if not isinstance(item, wasmtime.Func):
         raise ModuleRejected(f"{what} does not export a function {name}")
     return item
+
+
+def instantiate(
+    store: wasmtime.Store,
+    module: wasmtime.Module,
+    what: str,
+    limits: SandboxLimits,
+    linker: wasmtime.Linker | None = None,
+) -> tuple[Any, GuestMemory]:
+    """Instantiate under the call limits (a start function is a call); return exports and memory.
+
+    The module must export a memory called `memory`.
+    """
+
+    def start(store: wasmtime.Store) -> wasmtime.Instance:
+        try:
+            if linker is not None:
+                return linker.instantiate(store, module)
+            return wasmtime.Instance(store, module, [])
+        except wasmtime.WasmtimeError as exc:
+            raise LimitExceeded(
+                f"{what} could not start within the sandbox limits (memory "
+                f"{limits.memory_bytes} bytes): {str(exc).strip().splitlines()[0]}"
+            ) from None
+
+    instance = call_guest(store, start, what=f"{what} start function", limits=limits)
+    exports = instance.exports(store)
+    memory = exports.get("memory")
+    if not isinstance(memory, wasmtime.Memory):
+        raise ModuleRejected(f"{what} does not export a memory called memory")
+    return exports, GuestMemory(memory, store)
 
 
 def call_guest(

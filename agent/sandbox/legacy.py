@@ -28,7 +28,14 @@ from typing import Any
 import numpy as np
 import wasmtime
 
-from agent.sandbox.engine import call_guest, compile_module, engine, export_func, new_store
+from agent.sandbox.engine import (
+    call_guest,
+    compile_module,
+    engine,
+    export_func,
+    instantiate,
+    new_store,
+)
 from agent.sandbox.errors import (
     CapabilityDenied,
     GuestFault,
@@ -39,7 +46,6 @@ from agent.sandbox.errors import (
 )
 from agent.sandbox.inputs import InputSources
 from agent.sandbox.limits import SandboxLimits
-from agent.sandbox.memory import GuestMemory
 from agent.sandbox.models import Model, load_model, run_model
 from agent.sandbox.outputs import OutputRecord, serial_record
 from ota.rune.capabilities import CapabilityArgError, parse_capability
@@ -118,26 +124,7 @@ class LegacyRune:
             raise ModuleRejected(
                 f"{name} is not a legacy rune: it does not export {', '.join(missing)}"
             )
-
-        def instantiate(store: wasmtime.Store) -> wasmtime.Instance:
-            try:
-                return linker.instantiate(store, compiled)
-            except wasmtime.WasmtimeError as exc:
-                raise LimitExceeded(
-                    f"{name} could not start within the sandbox limits (memory "
-                    f"{self.limits.memory_bytes} bytes): "
-                    f"{str(exc).strip().splitlines()[0]}"
-                ) from None
-
-        # A wasm start function runs here, under the same fuel and wall clock as a call.
-        instance = call_guest(
-            self._store, instantiate, what=f"{name} start function", limits=self.limits
-        )
-        ex = instance.exports(self._store)
-        memory = ex["memory"]
-        if not isinstance(memory, wasmtime.Memory):
-            raise ModuleRejected(f"{name}: export memory is not a memory")
-        self._memory = GuestMemory(memory, self._store)
+        ex, self._memory = instantiate(self._store, compiled, name, self.limits, linker)
         self._manifest_fn = export_func(ex, "_manifest", name)
         self._call_fn = export_func(ex, "_call", name)
         self._next_id = 1

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from agent.sandbox.errors import LimitExceeded, ModelError
+from agent.sandbox.errors import LimitExceeded, ModelError, SandboxError
 from agent.sandbox.limits import SandboxLimits
 from ota.rune.build import ModelSignature
 from ota.rune.bundle import MIMETYPE_ONNX, MIMETYPE_TFLITE
@@ -75,10 +75,17 @@ def load_model(mimetype: str, data: bytes, limits: SandboxLimits, what: str = "m
 
 
 def inspect_model(mimetype: str, data: bytes) -> ModelSignature | None:
-    """The model's tensor signature, or None when its runtime is not installed here."""
+    """The model's tensor signature, or None when its runtime is not installed here.
+
+    Raises ValueError with the runtime's reason when the model cannot be read (the build's
+    `ModelInspector` contract).
+    """
     if mimetype not in EXTRAS or not runtime_available(mimetype):
         return None
-    model = load_model(mimetype, data, SandboxLimits(model_bytes=len(data) + 1))
+    try:
+        model = load_model(mimetype, data, SandboxLimits(model_bytes=len(data) + 1))
+    except SandboxError as exc:
+        raise ValueError(str(exc)) from None
     return ModelSignature(list(model.inputs), list(model.outputs))
 
 

@@ -64,6 +64,7 @@ class ModelSignature:
         self.outputs = outputs
 
 
+# Returns the signature, None when no runtime can read the model here, or raises ValueError.
 ModelInspector = Callable[[str, bytes], ModelSignature | None]
 
 
@@ -247,7 +248,11 @@ class _Builder:
     def _check_model(self, stage: Stage, mimetype: str, data: bytes) -> None:
         if self.inspect_model is None:
             return
-        signature = self.inspect_model(mimetype, data)
+        try:
+            signature = self.inspect_model(mimetype, data)
+        except ValueError as exc:
+            self.problems.append(Problem(f"stage {stage.name}", f"the model cannot be read: {exc}"))
+            return
         if signature is None:
             self.warnings.append(
                 f"stage {stage.name}: no {mimetype} runtime is installed here, so "

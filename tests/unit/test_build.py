@@ -247,3 +247,27 @@ pipeline:
         "wasi_snapshot_preview1.fd_write" in text
     )
     assert "it does not export fleet_alloc, fleet_transform" in text
+
+
+def test_a_model_its_runtime_cannot_read_is_a_stage_problem(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+pipeline:
+  rand:
+    capability: RAND
+    outputs: [{type: f32, dimensions: [1, 1]}]
+  model:
+    model: ./broken.onnx
+    inputs: [rand]
+    outputs: [{type: f32, dimensions: [1, 1]}]
+  out:
+    out: serial
+    inputs: [model]
+""",
+        broken__onnx=b"not a protobuf",
+    )
+    assert (
+        "stage model: the model cannot be read: model could not be loaded by onnxruntime"
+        in problems(path)
+    )

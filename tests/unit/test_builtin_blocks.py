@@ -110,3 +110,31 @@ def test_a_block_without_configure_refuses_args_and_bad_args_fail_at_load() -> N
             [TensorType(ElementType.F32, (1,))],
             SandboxLimits(),
         )
+
+
+def test_a_block_with_a_start_function_runs_it_under_the_limits() -> None:
+    import wasmtime
+
+    from agent.sandbox.errors import LimitExceeded
+
+    def block(start_body: str) -> bytes:
+        return bytes(
+            wasmtime.wat2wasm(f"""
+(module
+  (memory (export "memory") 1)
+  (func $start {start_body})
+  (start $start)
+  (func (export "fleet_alloc") (param i32) (result i32) (i32.const 4096))
+  (func (export "fleet_transform") (param i32 i32) (result i32)
+    (i32.store (i32.const 4) (i32.const 1))
+    (i32.store (i32.const 8) (local.get 0))
+    (i32.const 0)))""")
+        )
+
+    output = [TensorType(ElementType.F32, (1,))]
+    ok = BlockInstance(block("nop"), "stage s", [], output, SandboxLimits())
+    assert ok.transform([Tensor.from_array(np.array([2.5], "<f4"))])[0].elements() == [2.5]
+    with pytest.raises(LimitExceeded, match="stage s start function ran out of fuel"):
+        BlockInstance(
+            block("(loop br 0)"), "stage s", [], output, SandboxLimits(fuel_per_call=100_000)
+        )
