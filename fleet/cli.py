@@ -1,16 +1,108 @@
-"""`fleetctl`: the operator's tool. Fleet creation, the controller and rollouts come next."""
+"""`fleetctl`: the operator's tool: create and serve a fleet, publish runes, manage keys and access.
+
+Exit codes: 0 done; 1 the controller refused or failed the request; 2 the command line is wrong;
+3 a local file is invalid (rune, key, fleet dir); 4 the controller cannot be reached; 5 the API
+token is missing, unknown or lacks the role. Errors are one clear line on stderr, never a
+traceback. Every command that prints takes `-o json` for scripts.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import Callable
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from fleet.client import DEFAULT_SERVER, ApiClient, ApiClientError, ControllerUnreachable
+from ota.targets import DEFAULT_ORG, TargetNameError, parse_rune_ref
+
+EXIT_REFUSED = 1
+EXIT_INVALID = 3
+EXIT_UNREACHABLE = 4
+EXIT_UNAUTHORIZED = 5
+
+out = Console()
+err = Console(stderr=True)
 
 app = typer.Typer(
     name="fleetctl",
-    help="Operate a Fleet: runes, devices, rollouts. (The controller arrives in the next release.)",
+    help="Operate a Fleet: create and serve it, publish runes, manage keys and access.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+runes_app = typer.Typer(help="Publish, list, show and revoke runes.", no_args_is_help=True)
+keys_app = typer.Typer(help="The fleet's TUF keys: status, root, rotation.", no_args_is_help=True)
+tokens_app = typer.Typer(help="API tokens for people and scripts.", no_args_is_help=True)
+devices_app = typer.Typer(help="Devices allowed to fetch updates.", no_args_is_help=True)
+app.add_typer(runes_app, name="runes")
+app.add_typer(keys_app, name="keys")
+app.add_typer(tokens_app, name="api-tokens")
+app.add_typer(devices_app, name="devices")
+
+
+class Output(StrEnum):
+    text = "text"
+    json = "json"
+
+
+ServerOpt = Annotated[
+    str, typer.Option("--server", envvar="FLEET_SERVER", help="The controller's URL.")
+]
+TokenOpt = Annotated[
+    str | None, typer.Option("--token", envvar="FLEET_TOKEN", help="API token.", show_default=False)
+]
+OutputOpt = Annotated[Output, typer.Option("-o", "--output", help="text, or json for scripts.")]
+DirOpt = Annotated[
+    Path | None,
+    typer.Option("--dir", help="The fleet directory (default: $FLEET_DIR or ./fleet)."),
+]
+OrgOpt = Annotated[str, typer.Option("--org", help="The publishing organisation.")]
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
+    raise typer.Exit(code)
+
+
+def _call(server: str, token: str | None, action: Callable[[ApiClient], Any]) -> Any:
+    client = ApiClient(server, token)
+    try:
+        return action(client)
+    except ControllerUnreachable as exc:
+        _fail(str(exc), EXIT_UNREACHABLE)
+    except ApiClientError as exc:
+        code = EXIT_UNAUTHORIZED if exc.status in (401, 403) else EXIT_REFUSED
+        _fail(str(exc), code)
+
+
+def _need_controller_extra() -> None:
+    import importlib.util
+
+    missing = [m for m in ("aiohttp", "tortoise") if importlib.util.find_spec(m) is None]
+    if missing:
+        _fail(
+            "this command runs the controller, which needs its extra: "
+            "pip install 'fleet-tinyml[controller]'",
+            2,
+        )
+
+
+def _emit_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _ref(ref: str) -> tuple[str, str]:
+    try:
+        return parse_rune_ref(ref)
+    except TargetNameError as exc:
+        _fail(str(exc), 2)
 
 
 @app.command()
@@ -19,6 +111,406 @@ def version() -> None:
     from importlib.metadata import version as dist_version
 
     typer.echo(dist_version("fleet-tinyml"))
+
+
+@app.command()
+def init(
+    directory: DirOpt = None,
+    root_keys: Annotated[int, typer.Option(help="How many offline root keys (n).")] = 3,
+    root_threshold: Annotated[
+        int, typer.Option(help="How many root keys must sign a root change (k).")
+    ] = 2,
+    db_url: Annotated[
+        str | None,
+        typer.Option(envvar="FLEET_DB_URL", help="Database URL (default: SQLite in the dir)."),
+    ] = None,
+    name: Annotated[str, typer.Option(help="A name for this fleet.")] = "fleet",
+    output: OutputOpt = Output.text,
+) -> None:
+    """Create a fleet: root and online keys, the first TUF metadata, an admin API token."""
+    _need_controller_extra()
+    from attestation.keys import KeyFileError
+    from fleet.db import DatabaseError
+    from fleet.fleetdir import FleetDir, FleetDirError
+    from fleet.init import create_fleet
+
+    fleet_dir = FleetDir.from_option(directory)
+    try:
+        result = asyncio.run(
+            create_fleet(
+                fleet_dir,
+                root_keys=root_keys,
+                root_threshold=root_threshold,
+                db_url=db_url,
+                name=name,
+            )
+        )
+    except (FleetDirError, KeyFileError, DatabaseError) as exc:
+        _fail(str(exc), EXIT_INVALID)
+    if output is Output.json:
+        _emit_json(
+            {
+                "fleet_dir": str(result.fleet_dir),
+                "config": str(result.config_file),
+                "root": str(result.root_json),
+                "offline_root_keys": [str(p) for p in result.offline_keys],
+                "root_threshold": result.root_threshold,
+                "online_keys": {role: str(p) for role, p in result.online_keys.items()},
+                "database": result.db_url,
+                "admin_token": result.admin_token,
+            }
+        )
+        return
+    out.print(f"[bold green]created fleet[/] in {result.fleet_dir}")
+    out.print(f"  config        {result.config_file}")
+    out.print(f"  device root   {result.root_json}  (provision devices with this file)")
+    for role, path in result.online_keys.items():
+        out.print(f"  {role:<13} {path}")
+    out.print(
+        f"\n[bold yellow]warning:[/] the {len(result.offline_keys)} root keys "
+        f"({result.root_threshold} needed to sign) are in {result.offline_keys[0].parent}. "
+        "Move them off this machine, to separate offline media, now. Anyone holding "
+        f"{result.root_threshold} of them controls every device in the fleet.",
+        soft_wrap=True,
+    )
+    out.print(
+        f"\nadmin API token (shown once, stored hashed): [bold]{result.admin_token}[/]",
+        soft_wrap=True,
+    )
+    out.print(f"next: fleetctl serve --dir {result.fleet_dir}")
+
+
+@app.command()
+def serve(
+    directory: DirOpt = None,
+    listen: Annotated[
+        str | None, typer.Option(help="HOST:PORT to listen on (default: from fleet.yaml).")
+    ] = None,
+    db_url: Annotated[
+        str | None, typer.Option(envvar="FLEET_DB_URL", help="Database URL (default: config).")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run the controller: the API, the signed repository and the renewal schedule."""
+    _need_controller_extra()
+    from attestation.keys import KeyFileError
+    from fleet import logs
+    from fleet.db import DatabaseError
+    from fleet.fleetdir import FleetDir, FleetDirError
+    from fleet.server import serve as run_server
+    from ota.repository import RepositoryError
+
+    logs.configure(log_level)
+    try:
+        asyncio.run(run_server(FleetDir.from_option(directory), listen, db_url))
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    except (FleetDirError, KeyFileError, DatabaseError, RepositoryError) as exc:
+        _fail(str(exc), EXIT_INVALID)
+    except OSError as exc:
+        _fail(f"cannot listen: {exc.strerror or exc}", EXIT_REFUSED)
+
+
+# Runes.
+
+
+def _rune_table(runes: list[dict[str, Any]]) -> Table:
+    table = Table("org", "rune", "kind", "capabilities", "size", "sha256", "state")
+    for r in runes:
+        state = "[red]revoked[/]" if r["state"] == "revoked" else "published"
+        table.add_row(
+            r["org"],
+            r["ref"],
+            r["kind"],
+            ",".join(r["capabilities"]) or "-",
+            f"{r['size']:,}",
+            r["sha256"][:12],
+            state,
+        )
+    return table
+
+
+@runes_app.command("push")
+def runes_push(
+    file: Annotated[Path, typer.Argument(help="A .runebundle or legacy .rune file.")],
+    org: OrgOpt = DEFAULT_ORG,
+    name: Annotated[str | None, typer.Option(help="Name (required for a legacy .rune).")] = None,
+    rune_version: Annotated[
+        str | None, typer.Option("--version", help="Version (required for a legacy .rune).")
+    ] = None,
+    min_agent_version: Annotated[
+        str | None, typer.Option(help="Oldest agent that may install it.")
+    ] = None,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Upload a rune; the controller inspects it and publishes it as a signed target."""
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        _fail(f"cannot read {file}: {exc.strerror or exc}", EXIT_INVALID)
+    params = {
+        "org": org,
+        "name": name,
+        "version": rune_version,
+        "min_agent_version": min_agent_version,
+    }
+    result = _call(
+        server,
+        token,
+        lambda c: c.request("POST", "/api/v1/runes", body=data, params=params),
+    )
+    if output is Output.json:
+        _emit_json(result)
+        return
+    verb = "published" if result["created"] else "already published (same bytes)"
+    out.print(f"{result['ref']} {verb} as [bold]{result['target']}[/]  sha256 {result['sha256']}")
+
+
+@runes_app.command("list")
+def runes_list(
+    org: Annotated[str | None, typer.Option("--org", help="Only this org.")] = None,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """List rune versions and whether each is published or revoked."""
+    result = _call(server, token, lambda c: c.request("GET", "/api/v1/runes", params={"org": org}))
+    if output is Output.json:
+        _emit_json(result)
+        return
+    out.print(_rune_table(result["runes"]))
+
+
+@runes_app.command("show")
+def runes_show(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION")],
+    org: OrgOpt = DEFAULT_ORG,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Show one rune version: its target, digest, capabilities and contents."""
+    name, ver = _ref(ref)
+    result = _call(server, token, lambda c: c.request("GET", f"/api/v1/runes/{org}/{name}/{ver}"))
+    if output is Output.json:
+        _emit_json(result)
+        return
+    out.print(_rune_table([result]))
+    description = result.get("description") or {}
+    for what in ("capabilities", "models", "blocks", "outputs"):
+        items = description.get(what) or []
+        if items:
+            out.print(f"[bold]{what}[/]: " + ", ".join(str(i.get("stage") or i) for i in items))
+
+
+@runes_app.command("revoke")
+def runes_revoke(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION")],
+    org: OrgOpt = DEFAULT_ORG,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Revoke a rune version: agents refuse to install it and stop running it."""
+    name, ver = _ref(ref)
+    result = _call(
+        server, token, lambda c: c.request("DELETE", f"/api/v1/runes/{org}/{name}/{ver}")
+    )
+    if output is Output.json:
+        _emit_json(result)
+        return
+    out.print(f"{result['ref']} revoked; its target {result['target']} is no longer published")
+
+
+# Keys.
+
+
+@keys_app.command("status")
+def keys_status(
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Show each TUF role's version, keys, threshold and expiry."""
+    result = _call(server, token, lambda c: c.request("GET", "/api/v1/keys"))
+    if output is Output.json:
+        _emit_json(result)
+        return
+    table = Table("role", "version", "expires", "threshold", "key ids")
+    for role, info in result["roles"].items():
+        table.add_row(
+            role,
+            str(info["version"]),
+            info["expires"],
+            f"{info['threshold']} of {len(info['keyids'])}",
+            " ".join(k[:12] for k in info["keyids"]),
+        )
+    out.print(table)
+
+
+@keys_app.command("root")
+def keys_root(
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+) -> None:
+    """Print the current root.json, to provision devices with."""
+    data = _call(server, token, lambda c: c.request("GET", "/api/v1/keys/root.json"))
+    typer.echo(json.dumps(data, indent=1, sort_keys=True))
+
+
+@keys_app.command("generate")
+def keys_generate(
+    path: Annotated[Path, typer.Argument(help="Where to write the new Ed25519 key (0600).")],
+) -> None:
+    """Make a new root key file, for `keys rotate root --new-root-key`."""
+    from attestation.keys import KeyFileError, generate_key_file, public_key_of
+
+    try:
+        signer = generate_key_file(path)
+    except (KeyFileError, OSError) as exc:
+        _fail(str(exc), EXIT_INVALID)
+    out.print(f"wrote {path} (key id {public_key_of(signer).keyid})")
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    role: Annotated[str, typer.Argument(help="targets, snapshot, timestamp, root or command.")],
+    root_key: Annotated[
+        list[Path] | None,
+        typer.Option("--root-key", help="A current offline root key file (repeat for k of n)."),
+    ] = None,
+    new_root_key: Annotated[
+        list[Path] | None,
+        typer.Option("--new-root-key", help="For `root`: the new set of root key files."),
+    ] = None,
+    root_threshold: Annotated[
+        int | None, typer.Option(help="For `root`: how many new root keys must sign.")
+    ] = None,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Rotate a key. Online roles and the root need the offline root keys to sign the new root."""
+    from fleet.rotation import RotationError, rotate
+
+    try:
+        result = _call(
+            server,
+            token,
+            lambda c: rotate(
+                c, role, list(root_key or []), list(new_root_key or []), root_threshold
+            ),
+        )
+    except RotationError as exc:
+        _fail(str(exc), EXIT_INVALID)
+    if output is Output.json:
+        _emit_json(result)
+        return
+    if role == "command":
+        out.print(f"command key rotated (key id {result['keyid'][:12]}); devices learn it via TUF")
+    else:
+        out.print(f"{role} key rotated: root is now version {result['root_version']}")
+
+
+# API tokens.
+
+
+@tokens_app.command("create")
+def tokens_create(
+    name: Annotated[str, typer.Argument(help="Who or what the token is for.")],
+    role: Annotated[str, typer.Option(help="viewer, operator or admin.")] = "viewer",
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Create an API token; it is shown once."""
+    body = {"name": name, "role": role}
+    result = _call(server, token, lambda c: c.request("POST", "/api/v1/tokens", json_body=body))
+    if output is Output.json:
+        _emit_json(result)
+        return
+    out.print(f"token {result['id']} ({result['role']}) for {result['name']}: {result['token']}")
+
+
+@tokens_app.command("list")
+def tokens_list(
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """List API tokens (their names and roles, never the tokens)."""
+    result = _call(server, token, lambda c: c.request("GET", "/api/v1/tokens"))
+    if output is Output.json:
+        _emit_json(result)
+        return
+    table = Table("id", "name", "role", "created", "last used", "state")
+    for t in result["tokens"]:
+        table.add_row(
+            str(t["id"]),
+            t["name"],
+            t["role"],
+            t["created_at"] or "-",
+            t["last_used_at"] or "-",
+            "revoked" if t["revoked"] else "active",
+        )
+    out.print(table)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(
+    token_id: Annotated[int, typer.Argument(help="The token's id (from `api-tokens list`).")],
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+) -> None:
+    """Revoke an API token."""
+    _call(server, token, lambda c: c.request("DELETE", f"/api/v1/tokens/{token_id}"))
+    out.print(f"token {token_id} revoked")
+
+
+# Devices.
+
+
+@devices_app.command("register")
+def devices_register(
+    public_key: Annotated[str, typer.Argument(help="The device's Ed25519 public key, hex.")],
+    label: Annotated[list[str] | None, typer.Option("--label", help="k=v (repeatable).")] = None,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Register a device key (`fleet-agent id` prints it) so the device may fetch updates."""
+    labels = {}
+    for item in label or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"--label {item!r} is not k=v", 2)
+        labels[key] = value
+    body = {"public_key": public_key, "labels": labels}
+    result = _call(server, token, lambda c: c.request("POST", "/api/v1/devices", json_body=body))
+    if output is Output.json:
+        _emit_json(result)
+        return
+    out.print(f"device {result['id']} registered")
+
+
+@devices_app.command("list")
+def devices_list(
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """List registered devices."""
+    result = _call(server, token, lambda c: c.request("GET", "/api/v1/devices"))
+    if output is Output.json:
+        _emit_json(result)
+        return
+    table = Table("id", "state", "labels", "registered")
+    for d in result["devices"]:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items()))
+        table.add_row(d["id"], d["state"], labels or "-", d["created_at"] or "-")
+    out.print(table)
 
 
 def main() -> None:

@@ -1,0 +1,145 @@
+"""Admitting a rune: inspect it, name it, store it content-addressed and publish it as a target.
+
+Rules:
+- A rune is inspected before anything is stored; a malformed one is refused with the reason.
+- A bundle names itself (its manifest's name and version); `--name`/`--version` may only repeat
+  them. A legacy `.rune` carries no name or version, so both must be given.
+- (org, name, version) is immutable: pushing the same bytes again is a no-op that says so, pushing
+  different bytes (or re-pushing a revoked version) is refused; publish a new version instead.
+- The database row and the TUF target are written in one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from tortoise.transactions import in_transaction
+
+from fleet.db.models import Rune
+from fleet.tuf_store import FleetRepository
+from ota.rune.inspect import InspectError, describe_rune
+from ota.targets import RuneTarget, TargetNameError, check_part
+
+
+class AdmissionError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Admitted:
+    rune: Rune
+    created: bool
+
+
+def rune_json(rune: Rune) -> dict[str, Any]:
+    return {
+        "org": rune.org,
+        "name": rune.name,
+        "version": rune.version,
+        "ref": f"{rune.name}@{rune.version}",
+        "kind": rune.kind,
+        "sha256": rune.sha256,
+        "size": rune.size,
+        "capabilities": rune.capabilities,
+        "min_agent_version": rune.min_agent_version,
+        "target": rune.target_path,
+        "pushed_by": rune.pushed_by,
+        "created_at": rune.created_at.isoformat() if rune.created_at else None,
+        "state": "revoked" if rune.revoked_at else "published",
+        "revoked_at": rune.revoked_at.isoformat() if rune.revoked_at else None,
+        "revoked_by": rune.revoked_by,
+    }
+
+
+async def admit_rune(
+    repository: FleetRepository,
+    data: bytes,
+    *,
+    org: str,
+    name: str | None,
+    version: str | None,
+    min_agent_version: str,
+    pushed_by: str,
+    max_bytes: int,
+    now: datetime,
+) -> Admitted:
+    if len(data) > max_bytes:
+        raise AdmissionError(413, f"the rune is {len(data)} bytes; this fleet accepts {max_bytes}")
+    if not data:
+        raise AdmissionError(400, "the request carried no rune file")
+    try:
+        description = await asyncio.to_thread(describe_rune, data, name or "rune")
+    except InspectError as exc:
+        raise AdmissionError(422, f"not a valid rune: {exc}") from None
+    if description.kind == "bundle":
+        for given, own, what in (
+            (name, description.name, "name"),
+            (version, description.version, "version"),
+        ):
+            if given is not None and given != own:
+                raise AdmissionError(
+                    400, f"the bundle's {what} is {own!r}, not {given!r}; rebuild it or omit it"
+                )
+        name, version = description.name, description.version
+    elif name is None or version is None:
+        raise AdmissionError(
+            400, "a legacy .rune carries no name or version: pass both (--name, --version)"
+        )
+    try:
+        target = RuneTarget(
+            org=check_part("org", org),
+            name=check_part("name", name),
+            version=check_part("version", version),
+            kind=description.kind,
+            capabilities=tuple(sorted({str(c["kind"]).upper() for c in description.capabilities})),
+            min_agent_version=min_agent_version,
+        )
+    except TargetNameError as exc:
+        raise AdmissionError(400, str(exc)) from None
+    existing = await Rune.get_or_none(org=target.org, name=target.name, version=target.version)
+    if existing is not None:
+        if existing.revoked_at is not None:
+            raise AdmissionError(
+                409, f"{target.ref} in {target.org} was revoked; publish a new version"
+            )
+        if existing.sha256 != description.sha256:
+            raise AdmissionError(
+                409,
+                f"{target.ref} in {target.org} is already published with different bytes "
+                f"(sha256 {existing.sha256[:12]}); publish a new version",
+            )
+        return Admitted(existing, created=False)
+    async with in_transaction():
+        rune = await Rune.create(
+            org=target.org,
+            name=target.name,
+            version=target.version,
+            kind=target.kind,
+            sha256=description.sha256,
+            size=description.size,
+            capabilities=list(target.capabilities),
+            min_agent_version=target.min_agent_version,
+            description=description.to_json(),
+            target_path=target.path,
+            pushed_by=pushed_by,
+        )
+        await repository.add_target(target.path, data, target.to_custom(), now)
+    return Admitted(rune, created=True)
+
+
+async def revoke_rune(
+    repository: FleetRepository, rune: Rune, revoked_by: str, now: datetime
+) -> Rune:
+    if rune.revoked_at is not None:
+        raise AdmissionError(409, f"{rune.name}@{rune.version} is already revoked")
+    async with in_transaction():
+        rune.revoked_at = now
+        rune.revoked_by = revoked_by
+        await rune.save()
+        await repository.remove_target(rune.target_path, now)
+    return rune

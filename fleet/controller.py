@@ -1,0 +1,91 @@
+"""The running controller's shared state: config, repository, metrics, and the renewal schedule.
+
+Rules:
+- The renewal task wakes before the earliest online role is due (at least every minute) and
+  re-signs what is due; a failure is logged and retried, never fatal, since an unrenewed timestamp
+  only expires hours later.
+- Device keys are looked up in the database and cached; registering a device updates the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from securesystemslib.signer import SSlibKey
+
+from attestation.keys import key_from_raw
+from fleet.db.models import Device, Rune
+from fleet.fleetdir import FleetConfig, FleetDir
+from fleet.logs import log
+from fleet.metrics import Metrics
+from fleet.tuf_store import FleetRepository, utcnow
+from ota.repository import TOP_LEVEL_ROLES
+
+RENEWAL_MAX_SLEEP_S = 60.0
+
+
+@dataclass
+class Controller:
+    fleet_dir: FleetDir
+    config: FleetConfig
+    repository: FleetRepository
+    metrics: Metrics = field(default_factory=Metrics)
+    version: str = "0"
+    _device_keys: dict[str, SSlibKey] = field(default_factory=dict)
+    _renewal: asyncio.Task[None] | None = None
+
+    async def device_key(self, device_id: str) -> SSlibKey | None:
+        key = self._device_keys.get(device_id)
+        if key is not None:
+            return key
+        device = await Device.get_or_none(id=device_id)
+        if device is None or device.state != "enrolled":
+            return None
+        key = key_from_raw(bytes.fromhex(device.public_key))
+        self._device_keys[device_id] = key
+        return key
+
+    def forget_device(self, device_id: str) -> None:
+        self._device_keys.pop(device_id, None)
+
+    async def update_gauges(self) -> None:
+        repo = self.repository.repository
+        for role in TOP_LEVEL_ROLES:
+            md = getattr(repo, role)
+            self.metrics.metadata_version.labels(role).set(md.signed.version)
+            self.metrics.metadata_expiry.labels(role).set(md.signed.expires.timestamp())
+        self.metrics.runes_published.set(await Rune.filter(revoked_at=None).count())
+
+    async def renew_once(self, now: datetime) -> None:
+        files = await self.repository.refresh(now)
+        for file in files:
+            self.metrics.metadata_resigned.labels(file.role).inc()
+            log("tuf.resigned", role=file.role, version=file.version)
+        await self.update_gauges()
+
+    async def _renewal_loop(self) -> None:
+        while True:
+            try:
+                await self.renew_once(utcnow())
+                due = self.repository.repository.next_renewal()
+                wait = min(max((due - utcnow()).total_seconds(), 1.0), RENEWAL_MAX_SLEEP_S)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log("tuf.renewal_failed", logging.ERROR, error=str(exc))
+                wait = 10.0
+            await asyncio.sleep(wait)
+
+    def start(self) -> None:
+        self._renewal = asyncio.create_task(self._renewal_loop(), name="tuf-renewal")
+
+    async def stop(self) -> None:
+        if self._renewal is not None:
+            self._renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewal
+            self._renewal = None

@@ -1,0 +1,128 @@
+"""What a rune target is called in the repository and what its TUF `custom` metadata says.
+
+Rules:
+- A rune is published as `runes/{org}/{name}/{version}`. Each part is 1-64 characters of lowercase
+  letters, digits, `.`, `_` and `-`, starting with a letter or digit, so a path can never climb
+  out of its folder or collide with another rune's.
+- The target's `custom["fleet"]` is the contract between controller and agent: org, name, version,
+  kind (`bundle` or `legacy`), the capability kinds the rune reads, and the minimum agent version.
+  The agent checks it before installing and checks the rune's own manifest against it after
+  downloading; `RuneTarget.from_custom` refuses anything missing or malformed with the reason.
+- The controller's command public key is the target `fleet/command-key.json`, so it rotates
+  through TUF like any other target.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+RUNES_PREFIX = "runes"
+COMMAND_KEY_TARGET = "fleet/command-key.json"
+DEFAULT_ORG = "default"
+KINDS = ("bundle", "legacy")
+
+_PART = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_VERSION = re.compile(r"^\d+(\.\d+)*")
+
+
+class TargetNameError(ValueError):
+    """A rune name, version, org or reference that cannot be a target."""
+
+
+def check_part(what: str, value: str) -> str:
+    if not _PART.match(value) or ".." in value:
+        raise TargetNameError(
+            f"{what} {value!r} must be 1-64 lowercase letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def rune_target_path(org: str, name: str, version: str) -> str:
+    return "/".join(
+        (
+            RUNES_PREFIX,
+            check_part("org", org),
+            check_part("name", name),
+            check_part("version", version),
+        )
+    )
+
+
+def parse_rune_ref(ref: str) -> tuple[str, str]:
+    """`NAME@VERSION` as (name, version)."""
+    name, sep, version = ref.partition("@")
+    if not sep or not name or not version:
+        raise TargetNameError(f"{ref!r} is not NAME@VERSION (for example sine@1.0.0)")
+    return check_part("name", name), check_part("version", version)
+
+
+def parse_target_path(path: str) -> tuple[str, str, str]:
+    parts = path.split("/")
+    if len(parts) != 4 or parts[0] != RUNES_PREFIX:
+        raise TargetNameError(f"{path!r} is not a rune target (runes/ORG/NAME/VERSION)")
+    _, org, name, version = parts
+    return check_part("org", org), check_part("name", name), check_part("version", version)
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """The numeric prefix of a version as a tuple (`1.10.2-rc1` -> (1, 10, 2)) for ordering."""
+    match = _VERSION.match(version)
+    if match is None:
+        return ()
+    return tuple(int(p) for p in match.group(0).split("."))
+
+
+@dataclass(frozen=True)
+class RuneTarget:
+    org: str
+    name: str
+    version: str
+    kind: str
+    capabilities: tuple[str, ...]
+    min_agent_version: str
+
+    @property
+    def path(self) -> str:
+        return rune_target_path(self.org, self.name, self.version)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def to_custom(self) -> dict[str, Any]:
+        return {
+            "fleet": {
+                "org": self.org,
+                "name": self.name,
+                "version": self.version,
+                "kind": self.kind,
+                "capabilities": list(self.capabilities),
+                "min_agent_version": self.min_agent_version,
+            }
+        }
+
+    @classmethod
+    def from_custom(cls, path: str, custom: Any) -> RuneTarget:
+        """The rune target described by `custom`, which must agree with its `path`."""
+        fleet = custom.get("fleet") if isinstance(custom, dict) else None
+        if not isinstance(fleet, dict):
+            raise TargetNameError(f"{path} has no fleet metadata; it is not a rune target")
+        try:
+            target = cls(
+                org=str(fleet["org"]),
+                name=str(fleet["name"]),
+                version=str(fleet["version"]),
+                kind=str(fleet["kind"]),
+                capabilities=tuple(str(c) for c in fleet["capabilities"]),
+                min_agent_version=str(fleet["min_agent_version"]),
+            )
+        except (KeyError, TypeError) as exc:
+            raise TargetNameError(f"{path} has incomplete fleet metadata ({exc})") from None
+        if target.path != path:
+            raise TargetNameError(f"{path} carries metadata for {target.path}")
+        if target.kind not in KINDS:
+            raise TargetNameError(f"{path} has unknown kind {target.kind!r}")
+        return target
