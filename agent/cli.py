@@ -1,10 +1,31 @@
-"""`fleet-agent`: the device daemon. Enrollment, updates and the command channel come next."""
+"""`fleet-agent`: the device side of Fleet: identity, verified updates, slots and running the rune.
+
+Exit codes: 0 done; 1 the controller is unavailable or the rune failed while running (try again
+later); 2 the command line is wrong; 3 the update was refused (verification or policy: nothing
+was installed); 4 the new rune failed its health check (installed in the inactive slot, not
+switched to); 5 local state is unusable (state dir locked, malformed file). Errors are one clear
+line on stderr, never a traceback.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from agent.sandbox.engine import engine
+
+EXIT_FAILED = 1
+EXIT_REFUSED = 3
+EXIT_UNHEALTHY = 4
+EXIT_STATE = 5
 
 app = typer.Typer(
     name="fleet-agent",
@@ -13,6 +34,32 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+out = Console()
+err = Console(stderr=True)
+
+
+class Output(StrEnum):
+    text = "text"
+    json = "json"
+
+
+StateDirOpt = Annotated[
+    Path,
+    typer.Option(
+        "--state-dir", envvar="FLEET_AGENT_STATE_DIR", help="The agent's state directory."
+    ),
+]
+OutputOpt = Annotated[Output, typer.Option("-o", "--output", help="text, or json for scripts.")]
+DEFAULT_STATE_DIR = Path("fleet-agent-state")
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
+    raise typer.Exit(code)
+
+
+def _emit_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
 @app.command()
@@ -29,6 +76,236 @@ def doctor() -> None:
             else f"missing (pip install 'fleet-tinyml[{extra}]')"
         )
         typer.echo(f"{mimetype}: {module} {state}")
+
+
+@app.command("id")
+def identity(
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Print this device's id and public key (made on first use, never leaves the device)."""
+    from attestation.identity import DeviceIdentity
+    from attestation.keys import KeyFileError, raw_public_bytes
+
+    try:
+        ident = DeviceIdentity.load_or_create(state_dir)
+    except (KeyFileError, OSError) as exc:
+        _fail(str(exc), EXIT_STATE)
+    public = raw_public_bytes(ident.public_key).hex()
+    if output is Output.json:
+        _emit_json({"device_id": ident.device_id, "public_key": public})
+        return
+    out.print(f"device id   {ident.device_id}\npublic key  {public}")
+    out.print(f"register it: fleetctl devices register {public}", highlight=False)
+
+
+@app.command()
+def update(
+    server: Annotated[str, typer.Option("--server", envvar="FLEET_SERVER", help="Controller URL.")],
+    target: Annotated[str, typer.Option("--target", help="NAME@VERSION to install.")],
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
+    org: Annotated[str, typer.Option("--org", help="The rune's organisation.")] = "default",
+    root: Annotated[
+        Path | None,
+        typer.Option("--root", help="The fleet's root.json (needed the first time only)."),
+    ] = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Perform one verified update end to end and print what it did."""
+    from agent.policy import AgentPolicy, PolicyError
+    from agent.slots import SlotError
+    from agent.update import provision_root
+    from agent.update import update as run_update
+    from attestation.keys import KeyFileError
+    from ota.targets import TargetNameError, parse_rune_ref
+    from ota.updater import UpdateError, UpdateRefused, UpdaterSetupError
+
+    try:
+        name, version = parse_rune_ref(target)
+    except TargetNameError as exc:
+        _fail(str(exc), 2)
+    try:
+        policy = AgentPolicy.load(state_dir)
+        if root is not None and provision_root(state_dir, root):
+            err.print(f"trusting the fleet root from {root}", highlight=False)
+        report = run_update(state_dir, server, org, name, version, policy=policy)
+    except ValueError as exc:
+        _fail(str(exc), 2 if not isinstance(exc, PolicyError) else EXIT_STATE)
+    except UpdaterSetupError as exc:
+        _fail(f"{exc} (pass --root FILE the first time)", EXIT_STATE)
+    except UpdateRefused as exc:
+        _emit_failure(output, target, "refused", exc.kind, str(exc))
+        _fail(f"update refused ({exc.kind}): {exc}; nothing was installed", EXIT_REFUSED)
+    except UpdateError as exc:
+        _emit_failure(output, target, "unavailable", exc.kind, str(exc))
+        _fail(f"update not possible now ({exc.kind}): {exc}", EXIT_FAILED)
+    except (SlotError, KeyFileError, TargetNameError) as exc:
+        _fail(str(exc), EXIT_STATE)
+    if output is Output.json:
+        health = report.health
+        _emit_json(
+            {
+                "target": report.target,
+                "status": report.status,
+                "slot": report.slot,
+                "sha256": report.sha256,
+                "steps": report.steps,
+                "health": None
+                if health is None
+                else {"ok": health.ok, "reason": health.reason, "calls": health.calls},
+            }
+        )
+    else:
+        for step in report.steps:
+            out.print(f"- {step}", highlight=False)
+        out.print(f"[bold]{report.status}[/]: {target}", highlight=False)
+    if report.status == "health-check-failed":
+        raise typer.Exit(EXIT_UNHEALTHY)
+
+
+@app.command()
+def check(
+    server: Annotated[str, typer.Option("--server", envvar="FLEET_SERVER", help="Controller URL.")],
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
+) -> None:
+    """Refresh the signed metadata; stop running the active rune if it was revoked."""
+    from agent.slots import SlotError
+    from agent.update import check as run_check
+    from ota.updater import UpdateError, UpdateRefused
+
+    try:
+        stopped = run_check(state_dir, server)
+    except UpdateRefused as exc:
+        _fail(f"metadata refused ({exc.kind}): {exc}", EXIT_REFUSED)
+    except UpdateError as exc:
+        _fail(f"cannot check now ({exc.kind}): {exc}", EXIT_FAILED)
+    except (SlotError, ValueError) as exc:
+        _fail(str(exc), EXIT_STATE)
+    out.print(stopped or "the active rune is still published", highlight=False)
+
+
+def _emit_failure(output: Output, target: str, status: str, kind: str, reason: str) -> None:
+    if output is Output.json:
+        _emit_json({"target": target, "status": status, "kind": kind, "reason": reason})
+
+
+@app.command()
+def status(
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Show the slots: the active and previous rune, probation, and the recent history."""
+    from agent.slots import SlotError, Slots
+
+    try:
+        slots = Slots(state_dir)
+        state = slots.state()
+        runes = {}
+        for name, ref in (("active", state.active), ("previous", state.previous)):
+            runes[name] = slots.rune(ref.slot).to_json() | {"slot": ref.slot} if ref else None
+    except SlotError as exc:
+        _fail(str(exc), EXIT_STATE)
+    if output is Output.json:
+        _emit_json(
+            runes
+            | {
+                "probation": state.probation.to_json() if state.probation else None,
+                "history": [e.to_json() for e in state.history],
+            }
+        )
+        return
+    for name, rune in runes.items():
+        text = (
+            f"{rune['name']}@{rune['version']} ({rune['org']}, slot {rune['slot']})"
+            if rune
+            else "-"
+        )
+        out.print(f"{name:<9} {text}", highlight=False)
+    if state.probation is not None:
+        out.print(f"probation until {time.ctime(state.probation.ends_at())}", highlight=False)
+    table = Table("when", "event", "rune", "slot", "reason")
+    for event in state.history[-10:]:
+        table.add_row(
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.at)),
+            event.kind.value,
+            event.rune or "-",
+            event.slot or "-",
+            event.reason or "",
+        )
+    out.print(table)
+
+
+@app.command()
+def rollback(
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
+    reason: Annotated[str, typer.Option(help="Why, for the history.")] = "asked by the owner",
+) -> None:
+    """Switch back to the previous rune."""
+    from agent.slots import SlotError, Slots
+
+    try:
+        slot = Slots(state_dir).rollback(reason, time.time())
+    except SlotError as exc:
+        _fail(str(exc), EXIT_STATE)
+    out.print(f"rolled back: slot {slot} is active")
+
+
+@app.command()
+def run(
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
+    count: Annotated[int, typer.Option(help="How many inferences to run.")] = 1,
+    interval: Annotated[float, typer.Option(help="Seconds between inferences.")] = 0.0,
+) -> None:
+    """Run the active rune COUNT times on synthetic inputs; each run counts for probation.
+
+    Outputs go to stdout as JSON lines. (Sensor input sources and the daemon arrive with the
+    command channel.)
+    """
+    from agent.policy import AgentPolicy, PolicyError
+    from agent.sandbox.errors import SandboxError
+    from agent.sandbox.inputs import InputFiles, InputSources
+    from agent.sandbox.runner import load_rune
+    from agent.slots import RunOutcome, SlotError, Slots
+
+    if count < 1:
+        _fail("--count must be at least 1", 2)
+    try:
+        policy = AgentPolicy.load(state_dir)
+        slots = Slots(state_dir, policy=policy.probation)
+        slots.recover(time.time())
+    except (PolicyError, SlotError) as exc:
+        _fail(str(exc), EXIT_STATE)
+    failures = 0
+    loaded: tuple[str, Any] | None = None
+    sources = InputSources(InputFiles(synthetic=True))
+    for index in range(count):
+        active = slots.active(time.time())
+        if active is None:
+            _fail("no rune is active; install one with `fleet-agent update`", EXIT_FAILED)
+        data, info = active
+        try:
+            if loaded is None or loaded[0] != info.sha256:
+                rune = load_rune(
+                    data, name=info.ref, sources=sources, allowed=policy.allowed_kinds()
+                )
+                loaded = (info.sha256, rune)
+            for record in loaded[1].call():
+                sys.stdout.write(json.dumps(record.value) + "\n")
+            result = slots.record_run(True, "", time.time())
+        except SandboxError as exc:
+            failures += 1
+            loaded = None
+            err.print(f"run {index + 1}: {info.ref} failed: {exc}", highlight=False)
+            result = slots.record_run(False, str(exc), time.time())
+        if result.outcome is RunOutcome.ROLLED_BACK:
+            err.print(f"probation failed, rolled back: {result.reason}", highlight=False)
+        elif result.outcome is RunOutcome.PASSED:
+            err.print(f"{info.ref} passed probation", highlight=False)
+        sys.stdout.flush()
+        if interval > 0 and index + 1 < count:
+            time.sleep(interval)
+    if failures:
+        raise typer.Exit(EXIT_FAILED)
 
 
 def main() -> None:

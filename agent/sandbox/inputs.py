@@ -10,6 +10,11 @@ Rules:
   tensors (integers over their whole range, floats uniform in [0, 1)).
 - SOUND, ACCEL and RAW are streams: each inference takes the next window, wrapping around at the
   end of the file, so a recording replays continuously. Each capability stage has its own cursor.
+- Synthetic inputs (`InputFiles(synthetic=True)`, for health checks): a capability with no file
+  gets plausible data made from `seed` instead of an `InputError`: IMAGE random pixels, SOUND a
+  quiet sine (continuous from one window to the next), ACCEL small noise around gravity on Z
+  (m/s^2), RAW random bytes. Same seed, same stage, same stream; a file that is given still wins,
+  and the size rules below apply to synthetic data exactly as to files.
 - The host fills exactly the bytes a rune asks for; a size that does not match what the
   capability makes is an `InputError` naming both, and a missing or unreadable file is an
   `InputError` naming the flag to pass. Sizes are checked before an image is decoded and `hz`
@@ -39,6 +44,8 @@ FLAGS = {
     CapabilityKind.RAW: "--raw",
 }
 MAX_SOUND_HZ = 384_000
+GRAVITY = 9.81
+SYNTHETIC_SOUND_AMPLITUDE = 0.05 * 32767
 
 
 @dataclass
@@ -50,6 +57,7 @@ class InputFiles:
     accel: Path | None = None
     raw: Path | None = None
     seed: int = 0
+    synthetic: bool = False
 
 
 @dataclass
@@ -58,6 +66,7 @@ class InputSources:
     _cursors: dict[str, int] = field(default_factory=dict)
     _cache: dict[tuple[str, object], np.ndarray] = field(default_factory=dict)
     _rngs: dict[str, np.random.Generator] = field(default_factory=dict)
+    _tones: dict[str, float] = field(default_factory=dict)
 
     def provide(
         self, key: str, spec: CapabilitySpec, element: ElementType | None, nbytes: int
@@ -76,6 +85,8 @@ class InputSources:
                     f"{spec.height} {spec.pixel_format.name} image is {size} bytes; check "
                     "its width, height and pixel_format args"
                 )
+            if path is None:
+                return self._synthetic_image(key, spec).tobytes()
             return self._image(path, spec).tobytes()
         if kind is CapabilityKind.SOUND:
             if spec.hz > MAX_SOUND_HZ:
@@ -83,12 +94,21 @@ class InputSources:
                     f"the rune asks for SOUND at {spec.hz} Hz; the most the host resamples "
                     f"to is {MAX_SOUND_HZ} Hz"
                 )
+            if path is None:
+                self._whole_samples(nbytes, 2, kind)
+                return self._synthetic_sound(key, spec.hz, nbytes // 2).tobytes()
             return self._window(key, self._sound(path, spec.hz), nbytes, 2, kind)
         if kind is CapabilityKind.ACCEL:
+            if path is None:
+                self._whole_samples(nbytes, 12, kind)
+                return self._synthetic_accel(key, nbytes // 12).tobytes()
             return self._window(key, self._accel(path), nbytes, 12, kind)
+        if path is None:
+            return self._rng(key).bytes(nbytes)
         return self._window(key, self._raw(path), nbytes, 1, kind)
 
-    def _path(self, kind: CapabilityKind) -> Path:
+    def _path(self, kind: CapabilityKind) -> Path | None:
+        """The file for `kind`, or None when it has none and synthetic data was asked for."""
         path = {
             CapabilityKind.IMAGE: self.files.image,
             CapabilityKind.FLOAT_IMAGE: self.files.image,
@@ -97,6 +117,8 @@ class InputSources:
             CapabilityKind.RAW: self.files.raw,
         }[kind]
         if path is None:
+            if self.files.synthetic:
+                return None
             raise InputError(f"this rune reads {kind.name}: pass a file with {FLAGS[kind]} FILE")
         if not path.is_file():
             raise InputError(f"{FLAGS[kind]} {path}: no such file")
@@ -106,11 +128,7 @@ class InputSources:
         self, key: str, data: np.ndarray, nbytes: int, unit: int, kind: CapabilityKind
     ) -> bytes:
         raw = data.tobytes()
-        if nbytes % unit:
-            raise InputError(
-                f"the rune asks for {nbytes} bytes of {kind.name}, which is not a "
-                f"whole number of {unit}-byte samples"
-            )
+        self._whole_samples(nbytes, unit, kind)
         if not raw:
             raise InputError(f"the {kind.name} input file {FLAGS[kind]} holds no data")
         start = self._cursors.get(key, 0) % len(raw)
@@ -123,12 +141,44 @@ class InputSources:
         self._cursors[key] = position
         return bytes(out)
 
+    @staticmethod
+    def _whole_samples(nbytes: int, unit: int, kind: CapabilityKind) -> None:
+        if nbytes % unit:
+            raise InputError(
+                f"the rune asks for {nbytes} bytes of {kind.name}, which is not a "
+                f"whole number of {unit}-byte samples"
+            )
+
+    def _rng(self, key: str) -> np.random.Generator:
+        return self._rngs.setdefault(key, np.random.default_rng(self.files.seed))
+
     def _random(self, key: str, element: ElementType | None, nbytes: int) -> bytes:
-        rng = self._rngs.setdefault(key, np.random.default_rng(self.files.seed))
+        rng = self._rng(key)
         if element is None or element is ElementType.UTF8 or not element.is_float:
             return rng.bytes(nbytes)
         count = nbytes // element.size
         return rng.random(count).astype(element.dtype).tobytes()
+
+    def _synthetic_image(self, key: str, spec: CapabilitySpec) -> np.ndarray:
+        shape = (spec.height, spec.width, spec.pixel_format.channels)
+        pixels = self._rng(key).integers(0, 256, size=shape, dtype=np.uint8)
+        if spec.kind is CapabilityKind.FLOAT_IMAGE:
+            return (pixels.astype("<f4") / 255.0).astype("<f4")
+        return pixels
+
+    def _synthetic_sound(self, key: str, hz: int, count: int) -> np.ndarray:
+        if key not in self._tones:
+            self._tones[key] = float(self._rng(key).uniform(200.0, 1000.0))
+        start = self._cursors.get(key, 0)
+        self._cursors[key] = start + count
+        seconds = np.arange(start, start + count, dtype=np.float64) / hz
+        samples = SYNTHETIC_SOUND_AMPLITUDE * np.sin(2 * np.pi * self._tones[key] * seconds)
+        return np.round(samples).astype("<i2")
+
+    def _synthetic_accel(self, key: str, rows: int) -> np.ndarray:
+        values = self._rng(key).normal(0.0, 0.05, size=(rows, 3))
+        values[:, 2] += GRAVITY
+        return values.astype("<f4").reshape(-1)
 
     def _image(self, path: Path, spec: CapabilitySpec) -> np.ndarray:
         cache_key = (str(path), (spec.kind, spec.width, spec.height, spec.pixel_format))

@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -222,7 +223,7 @@ def _read_member(archive: zipfile.ZipFile, path: str, limit: int) -> bytes:
     try:
         with archive.open(path) as member:
             content = member.read(limit + 1)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as exc:
         raise BundleError(f"{path} in the bundle cannot be read: {exc}") from None
     if len(content) > limit:
         raise BundleError(f"{path} in the bundle is larger than its manifest says")
