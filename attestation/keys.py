@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from securesystemslib.signer import CryptoSigner, SSlibKey
@@ -53,7 +54,7 @@ def load_key_file(path: Path) -> CryptoSigner:
         raise KeyFileError(f"{path}: cannot read the key file ({exc.strerror})") from None
     try:
         private_key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise KeyFileError(
             f"{path} is not an unencrypted PEM private key ({exc}); give the key file that "
             "`fleetctl init` or `fleetctl keys generate` wrote"

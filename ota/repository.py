@@ -138,9 +138,12 @@ class Repository:
     ) -> tuple[Repository, list[PublishedFile]]:
         """A new repository: root version 1 signed by every root key, and empty targets."""
         lifetimes = lifetimes or Lifetimes()
-        if not 1 <= threshold <= len(root_signers):
+        distinct = len({_public(s).keyid for s in root_signers})
+        if distinct != len(root_signers):
+            raise RepositoryError("the same root key was given twice")
+        if not 1 <= threshold <= distinct:
             raise RepositoryError(
-                f"a root threshold of {threshold} needs between 1 and {len(root_signers)} keys"
+                f"a root threshold of {threshold} needs between 1 and {distinct} keys"
             )
         root = Root(expires=_expiry(now, lifetimes.root), consistent_snapshot=True)
         for signer in root_signers:
@@ -196,7 +199,7 @@ class Repository:
     ) -> list[PublishedFile]:
         """Publish `data` as target `path`; refused if `path` is already a different target."""
         target = TargetFile.from_data(path, data, [HASH_ALGORITHM])
-        target.unrecognized_fields["custom"] = dict(custom)
+        target.unrecognized_fields["custom"] = copy.deepcopy(dict(custom))
         existing = self.targets.signed.targets.get(path)
         if existing is not None:
             if existing.hashes != target.hashes:
@@ -294,6 +297,8 @@ class Repository:
             ) from None
         merged = {**self._signers, **signers}
         for role in ONLINE_ROLES:
+            if proposed.roles[role].threshold != 1:
+                raise RepositoryError(f"the new root must keep one signature for {role}")
             self._check_signer(role, merged[role], proposed)
         changed = [
             role

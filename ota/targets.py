@@ -32,7 +32,7 @@ class TargetNameError(ValueError):
 
 
 def check_part(what: str, value: str) -> str:
-    if not _PART.match(value) or ".." in value:
+    if not isinstance(value, str) or not _PART.fullmatch(value) or ".." in value:
         raise TargetNameError(
             f"{what} {value!r} must be 1-64 lowercase letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -110,17 +110,24 @@ class RuneTarget:
         fleet = custom.get("fleet") if isinstance(custom, dict) else None
         if not isinstance(fleet, dict):
             raise TargetNameError(f"{path} has no fleet metadata; it is not a rune target")
-        try:
-            target = cls(
-                org=str(fleet["org"]),
-                name=str(fleet["name"]),
-                version=str(fleet["version"]),
-                kind=str(fleet["kind"]),
-                capabilities=tuple(str(c) for c in fleet["capabilities"]),
-                min_agent_version=str(fleet["min_agent_version"]),
-            )
-        except (KeyError, TypeError) as exc:
-            raise TargetNameError(f"{path} has incomplete fleet metadata ({exc})") from None
+        texts = ("org", "name", "version", "kind", "min_agent_version")
+        missing = [k for k in (*texts, "capabilities") if k not in fleet]
+        if missing:
+            raise TargetNameError(f"{path} has incomplete fleet metadata (no {', '.join(missing)})")
+        wrong = [k for k in texts if not isinstance(fleet[k], str)]
+        capabilities = fleet["capabilities"]
+        if not isinstance(capabilities, list) or not all(isinstance(c, str) for c in capabilities):
+            wrong.append("capabilities")
+        if wrong:
+            raise TargetNameError(f"{path} has malformed fleet metadata ({', '.join(wrong)})")
+        target = cls(
+            org=fleet["org"],
+            name=fleet["name"],
+            version=fleet["version"],
+            kind=fleet["kind"],
+            capabilities=tuple(capabilities),
+            min_agent_version=fleet["min_agent_version"],
+        )
         if target.path != path:
             raise TargetNameError(f"{path} carries metadata for {target.path}")
         if target.kind not in KINDS:
