@@ -6,7 +6,8 @@ Rules:
   them. A legacy `.rune` carries no name or version, so both must be given.
 - (org, name, version) is immutable: pushing the same bytes again is a no-op that says so, pushing
   different bytes (or re-pushing a revoked version) is refused; publish a new version instead.
-- The database row and the TUF target are written in one transaction.
+- The database row and the TUF target are written in one transaction, under the repository lock
+  (taken first), so concurrent pushes or revocations of one version get 409, never a 500.
 """
 
 from __future__ import annotations
@@ -101,45 +102,50 @@ async def admit_rune(
         )
     except TargetNameError as exc:
         raise AdmissionError(400, str(exc)) from None
-    existing = await Rune.get_or_none(org=target.org, name=target.name, version=target.version)
-    if existing is not None:
-        if existing.revoked_at is not None:
-            raise AdmissionError(
-                409, f"{target.ref} in {target.org} was revoked; publish a new version"
+    # Checked and written under the repository lock (taken before the transaction; see
+    # FleetRepository.lock), so concurrent pushes of one version are answered one by one.
+    async with repository.lock:
+        existing = await Rune.get_or_none(org=target.org, name=target.name, version=target.version)
+        if existing is not None:
+            if existing.revoked_at is not None:
+                raise AdmissionError(
+                    409, f"{target.ref} in {target.org} was revoked; publish a new version"
+                )
+            if existing.sha256 != description.sha256:
+                raise AdmissionError(
+                    409,
+                    f"{target.ref} in {target.org} is already published with different bytes "
+                    f"(sha256 {existing.sha256[:12]}); publish a new version",
+                )
+            return Admitted(existing, created=False)
+        async with in_transaction():
+            rune = await Rune.create(
+                org=target.org,
+                name=target.name,
+                version=target.version,
+                kind=target.kind,
+                sha256=description.sha256,
+                size=description.size,
+                capabilities=list(target.capabilities),
+                min_agent_version=target.min_agent_version,
+                description=description.to_json(),
+                target_path=target.path,
+                pushed_by=pushed_by,
             )
-        if existing.sha256 != description.sha256:
-            raise AdmissionError(
-                409,
-                f"{target.ref} in {target.org} is already published with different bytes "
-                f"(sha256 {existing.sha256[:12]}); publish a new version",
-            )
-        return Admitted(existing, created=False)
-    async with in_transaction():
-        rune = await Rune.create(
-            org=target.org,
-            name=target.name,
-            version=target.version,
-            kind=target.kind,
-            sha256=description.sha256,
-            size=description.size,
-            capabilities=list(target.capabilities),
-            min_agent_version=target.min_agent_version,
-            description=description.to_json(),
-            target_path=target.path,
-            pushed_by=pushed_by,
-        )
-        await repository.add_target(target.path, data, target.to_custom(), now)
+            await repository.add_target_locked(target.path, data, target.to_custom(), now)
     return Admitted(rune, created=True)
 
 
 async def revoke_rune(
     repository: FleetRepository, rune: Rune, revoked_by: str, now: datetime
 ) -> Rune:
-    if rune.revoked_at is not None:
-        raise AdmissionError(409, f"{rune.name}@{rune.version} is already revoked")
-    async with in_transaction():
-        rune.revoked_at = now
-        rune.revoked_by = revoked_by
-        await rune.save()
-        await repository.remove_target(rune.target_path, now)
+    async with repository.lock:
+        await rune.refresh_from_db()  # another request may have revoked it meanwhile
+        if rune.revoked_at is not None:
+            raise AdmissionError(409, f"{rune.name}@{rune.version} is already revoked")
+        async with in_transaction():
+            rune.revoked_at = now
+            rune.revoked_by = revoked_by
+            await rune.save()
+            await repository.remove_target_locked(rune.target_path, now)
     return rune

@@ -1,9 +1,10 @@
 """The running controller's shared state: config, repository, metrics, and the renewal schedule.
 
 Rules:
-- The renewal task wakes before the earliest online role is due (at least every minute) and
-  re-signs what is due; a failure is logged and retried, never fatal, since an unrenewed timestamp
-  only expires hours later.
+- The renewal task wakes before the earliest online role is due (at least every minute, and at
+  least every half of the shortest online lifetime, since a change re-signs roles between
+  wake-ups) and re-signs what is due; a failure is logged and retried, never fatal, since an
+  unrenewed timestamp only expires hours later.
 - Device keys are looked up in the database and cached; registering a device updates the cache.
 """
 
@@ -23,7 +24,7 @@ from fleet.fleetdir import FleetConfig, FleetDir
 from fleet.logs import log
 from fleet.metrics import Metrics
 from fleet.tuf_store import FleetRepository, utcnow
-from ota.repository import TOP_LEVEL_ROLES
+from ota.repository import ONLINE_ROLES, TOP_LEVEL_ROLES
 
 RENEWAL_MAX_SLEEP_S = 60.0
 
@@ -71,8 +72,15 @@ class Controller:
         while True:
             try:
                 await self.renew_once(utcnow())
-                due = self.repository.repository.next_renewal()
-                wait = min(max((due - utcnow()).total_seconds(), 1.0), RENEWAL_MAX_SLEEP_S)
+                repo = self.repository.repository
+                due = repo.next_renewal()
+                # A push or revoke re-signs roles while we sleep: wake within half a lifetime.
+                shortest = min(repo.lifetimes.of(role) for role in ONLINE_ROLES).total_seconds()
+                wait = min(
+                    max((due - utcnow()).total_seconds(), 1.0),
+                    RENEWAL_MAX_SLEEP_S,
+                    max(shortest / 2, 1.0),
+                )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

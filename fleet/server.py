@@ -53,7 +53,8 @@ async def serve(fleet_dir: FleetDir, listen: str | None, db_url: str | None) -> 
         site = web.TCPSite(runner, host, port)
         await site.start()
         bound = runner.addresses[0]
-        print(f"listening on http://{host}:{bound[1]}", flush=True)
+        url_host = f"[{host}]" if ":" in host else host  # an IPv6 address needs brackets in a URL
+        print(f"listening on http://{url_host}:{bound[1]}", flush=True)
         log("controller.started", listen=f"{host}:{bound[1]}", db=redact(url), fleet=config.name)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -2,7 +2,8 @@
 
 Rules:
 - Every change goes through one lock and is stored in one transaction: the files a change
-  publishes (targets, snapshot, timestamp, root) appear together or not at all.
+  publishes (targets, snapshot, timestamp, root) appear together or not at all. The lock is
+  always taken before the database (never while a transaction is open).
 - Metadata is served from memory after it is stored; every stored version stays fetchable.
 - Online keys are read from the fleet dir's `keys/`; the root keys are never read here. A root
   change is drafted here, signed offline by `fleetctl keys rotate`, and accepted here only if
@@ -63,6 +64,10 @@ class FleetRepository:
         self.fleet_dir = fleet_dir
         self.repository = repository
         self.blobs = blobs
+        # Lock order: this lock first, then the database. A caller that needs its own rows in
+        # the same transaction as a change takes this lock, opens the transaction and calls a
+        # `*_locked` method. (SQLite has one connection, locked for a whole transaction:
+        # holding a transaction while waiting for this lock deadlocks against the renewal.)
         self.lock = asyncio.Lock()
         self._files: dict[str, bytes] = {}
         self._latest: dict[str, int] = {}
@@ -144,12 +149,22 @@ class FleetRepository:
         self, path: str, data: bytes, custom: dict[str, Any], now: datetime
     ) -> list[PublishedFile]:
         async with self.lock:
-            self.blobs.put(data)
-            return await self._change(lambda: self.repository.add_target(path, data, custom, now))
+            return await self.add_target_locked(path, data, custom, now)
+
+    async def add_target_locked(
+        self, path: str, data: bytes, custom: dict[str, Any], now: datetime
+    ) -> list[PublishedFile]:
+        """`add_target` for a caller that holds `self.lock` (see `lock`)."""
+        self.blobs.put(data)
+        return await self._change(lambda: self.repository.add_target(path, data, custom, now))
 
     async def remove_target(self, path: str, now: datetime) -> list[PublishedFile]:
         async with self.lock:
-            return await self._change(lambda: self.repository.remove_target(path, now))
+            return await self.remove_target_locked(path, now)
+
+    async def remove_target_locked(self, path: str, now: datetime) -> list[PublishedFile]:
+        """`remove_target` for a caller that holds `self.lock` (see `lock`)."""
+        return await self._change(lambda: self.repository.remove_target(path, now))
 
     async def refresh(self, now: datetime) -> list[PublishedFile]:
         async with self.lock:

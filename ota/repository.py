@@ -8,7 +8,8 @@ Rules:
 - Any change to `targets` publishes a new `targets`, `snapshot` and `timestamp`, in that order,
   each with its version one above the last; a change never reuses a version number.
 - A role is re-signed (with a new version and expiry) once less than half its lifetime is left, so
-  as long as `refresh` is called on schedule, short expiries never lapse. `root` cannot be renewed
+  as long as `refresh` is called on schedule, short expiries never lapse; and at once when its
+  expiry lies further ahead than its (shortened) lifetime allows. `root` cannot be renewed
   here: it needs the offline keys (`draft_root` / `accept_root`).
 - A new root is accepted only if it is exactly one version above the current one and is signed by
   a threshold of the current root's keys *and* of its own (the TUF rotation rule), and every
@@ -228,7 +229,9 @@ class Repository:
     def refresh(self, now: datetime) -> list[PublishedFile]:
         """Re-sign every online role whose renewal is due, and the roles that list it."""
         for role in ONLINE_ROLES:
-            if self.renewal_due(role) <= now:
+            expires: datetime = self._metadata(role).signed.expires
+            shortened = expires > _expiry(now, self.lifetimes.of(role))
+            if self.renewal_due(role) <= now or shortened:
                 return self._resign_from(role, now)
         return []
 

@@ -46,8 +46,14 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(exc.status, exc.message)
     except web.HTTPRequestEntityTooLarge as exc:
         return error_response(413, f"the request body is too large ({exc.text})")
-    except web.HTTPException:
-        raise
+    except web.HTTPException as exc:
+        # aiohttp's own errors (no such route, wrong method) are text; make them JSON too.
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        response = error_response(exc.status, exc.reason.lower())
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception:
         log("http.unhandled", logging.ERROR, path=request.path, method=request.method)
         logging.getLogger("fleet").exception("unhandled error serving %s", request.path)

@@ -80,6 +80,7 @@ async def _rotate_command_key(request: web.Request) -> dict[str, object]:
     signer = generate_key_file(pending)
     pending.replace(ctl.fleet_dir.key_file("command"))
     await ctl.repository.publish_command_key(now)
+    await ctl.update_gauges()
     keyid = public_key_of(signer).keyid
     log("keys.rotated", role="command", keyid=keyid)
     return {"role": "command", "completed": True, "keyid": keyid}

@@ -29,7 +29,7 @@ async def push_rune(request: web.Request) -> web.StreamResponse:
         raise ApiError(
             413, f"the rune is {request.content_length} bytes; this fleet accepts {limit}"
         )
-    data = await request.content.read(limit + 1)
+    data = await request.read()
     query = request.query
     try:
         admitted = await admit_rune(
