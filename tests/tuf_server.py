@@ -24,13 +24,14 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from securesystemslib.signer import SSlibKey
 
 from ota.repository import PublishedFile
 from ota.request_auth import RequestAuthError, verify_request
+from tests.background_http import BackgroundHTTPServer
 
 METADATA = "/tuf/metadata/"
 TARGETS = "/tuf/targets/"
@@ -48,7 +49,7 @@ class Request:
 
 
 @dataclass
-class TufServer:
+class TufServer(BackgroundHTTPServer):
     metadata: dict[str, bytes] = field(default_factory=dict)
     targets: dict[str, bytes] = field(default_factory=dict)
     devices: dict[str, SSlibKey] = field(default_factory=dict)
@@ -62,32 +63,7 @@ class TufServer:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-
-    @property
-    def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def start(self) -> TufServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
-    def __enter__(self) -> TufServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self._serve(_handler_for(self))
 
     # Content.
 

@@ -27,9 +27,11 @@ from __future__ import annotations
 import http.client
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import urlsplit
+
+from tests.background_http import BackgroundHTTPServer
 
 ENDLESS_CAP = 1024 * 1024 * 1024
 CHUNK = 64 * 1024
@@ -57,7 +59,7 @@ class Exchange:
 
 
 @dataclass
-class Mirror:
+class Mirror(BackgroundHTTPServer):
     upstream: str
     replace: dict[str, bytes] = field(default_factory=dict)
     endless: set[str] = field(default_factory=set)
@@ -66,35 +68,10 @@ class Mirror:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
+        self._serve(_handler_for(self))
         parts = urlsplit(self.upstream)
         self._upstream_host = parts.hostname or "127.0.0.1"
         self._upstream_port = parts.port or 80
-
-    @property
-    def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def start(self) -> Mirror:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
-    def __enter__(self) -> Mirror:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # Misbehaviour.
 
