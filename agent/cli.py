@@ -2,8 +2,8 @@
 
 Exit codes: 0 done; 1 the controller is unavailable or the rune failed while running (try again
 later); 2 the command line is wrong; 3 the update was refused (verification or policy: nothing
-was installed); 4 the new rune failed its health check (installed in the inactive slot, not
-switched to); 5 local state is unusable (state dir locked, malformed file). Errors are one clear
+was installed); 4 the new rune failed its health check (nothing installed, the active rune kept
+running); 5 local state is unusable (state dir locked, malformed file). Errors are one clear
 line on stderr, never a traceback.
 """
 

@@ -11,6 +11,12 @@ Layout (`state_dir/slots/`):
 Rules:
 - Every file is replaced whole: written to `NAME.tmp`, flushed, fsynced, `os.replace`d over
   NAME, then the directory is fsynced. A reader sees the old file or the new one, never a mix.
+  One directory fsync makes every rename and removal before it in that directory durable, so
+  `install` fsyncs the slot's directory once, after `meta.json` (the commit mark) is in place,
+  not after each of the removal of the old `meta.json` and the rename of `rune`: until then a
+  power loss can keep any mix of old and new names, and each mix is a slot that is not intact
+  (an old `meta.json` does not match a new `rune`) or the old slot, which the `installing`
+  pointer, durable before the slot is touched, tells recovery to empty.
 - A slot is intact when its `meta.json` parses and its `rune` is exactly that many bytes with
   that SHA-256 (and, for a pointer in `state.json`, the SHA-256 the pointer expects). `meta.json`
   is removed before a slot is rewritten and written last, so it is the slot's commit mark: a
@@ -18,8 +24,17 @@ Rules:
 - `install` writes only the inactive slot. It first records in `state.json` which slot it is
   writing (dropping `previous` if the previous rune lived there), so recovery can tell an
   interrupted install from a lost state file. Nothing about the active rune changes.
+- `install` hashes the bytes it is given to check them against the `SlotRune`, unless it is
+  given the `VerifiedTarget` TUF checked, holding that very (immutable) bytes object with the
+  same length and SHA-256.
 - `switch` is one atomic write of `state.json`: the installed slot becomes active, the old active
-  becomes previous, and probation starts for the new rune in the same write.
+  becomes previous, and probation starts for the new rune in the same write. It first checks the
+  slot is intact: by reading and hashing it, or, when this `Slots` object wrote the slot itself
+  (in `install`, having checked the bytes) and neither `rune` nor `meta.json` has changed since
+  (same device, inode, size, mtime and ctime), from what it wrote. Reading a file back right
+  after writing it reads the page cache, not the medium, so that read-back proved nothing the
+  write had not; what catches a slot damaged on disk is the hash check at every `active()`
+  (before each run) and at every `recover`.
 - `rollback` (or a failed probation, or a corrupted active slot) makes the previous rune active
   again; `deactivate` (the active rune was revoked) does so only if the previous rune is intact
   and the caller does not refuse it too, and otherwise leaves no rune active. The slot left
@@ -59,7 +74,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from agent import probation as prob
 from agent.faults import crash_point
@@ -67,6 +82,9 @@ from ota.rune.bundle import is_bundle
 from ota.rune.runefile import CapabilityKind
 from ota.rune.wasm import is_wasm
 from ota.targets import KINDS, RuneTarget, TargetNameError, rune_target_path
+
+if TYPE_CHECKING:
+    from ota.updater import VerifiedTarget
 
 FORMAT = "fleet-slots/1"
 SLOTS = ("a", "b")
@@ -80,6 +98,8 @@ MAX_JSON_BYTES = 1024 * 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 Refuse = Callable[["SlotRune"], bool]
+# What identifies a file's version on disk: st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns.
+FileId = tuple[int, int, int, int, int]
 
 
 class SlotError(Exception):
@@ -376,6 +396,8 @@ class Slots:
         self.policy = policy or prob.ProbationPolicy()
         self._thread_lock = threading.RLock()
         self._depth = 0
+        # Slots this object wrote and checked (`install`), for the `switch` that follows.
+        self._written: dict[str, tuple[SlotRune, FileId | None, FileId | None]] = {}
         try:
             for slot in SLOTS:
                 (self.root / slot).mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -415,9 +437,22 @@ class Slots:
 
     # -- changing -------------------------------------------------------------------------------
 
-    def install(self, data: bytes, info: SlotRune) -> str:
-        """Write `data` into the inactive slot and return its name; the active rune stays."""
-        if len(data) != info.length or hashlib.sha256(data).hexdigest() != info.sha256:
+    def install(
+        self, data: bytes, info: SlotRune, *, verified: VerifiedTarget | None = None
+    ) -> str:
+        """Write `data` into the inactive slot and return its name; the active rune stays.
+
+        `data` must be `info.length` bytes with SHA-256 `info.sha256`. That is checked by hashing
+        `data`, unless `verified` is the `VerifiedTarget` TUF checked that holds this very bytes
+        object (`is`, and bytes cannot change) with the same length and SHA-256."""
+        checked = (
+            verified is not None
+            and verified.data is data
+            and (verified.length, verified.sha256) == (info.length, info.sha256)
+        )
+        if len(data) != info.length or (
+            not checked and hashlib.sha256(data).hexdigest() != info.sha256
+        ):
             raise SlotError(f"{info.ref}: the bytes do not match the length and sha256 given")
         looks_like = "bundle" if is_bundle(data) else "legacy" if is_wasm(data) else None
         if looks_like != info.kind:
@@ -432,9 +467,11 @@ class Slots:
             state = replace(state, installing=SlotRef(slot, info.sha256), previous=previous)
             self._write_state(state)
             folder = self.root / slot
+            self._written.pop(slot, None)
             try:
-                _remove(folder / META)
-                _write_file(folder / RUNE, data, crash_step="write-slot")
+                # One directory fsync, after meta.json: it makes all three durable (see Rules).
+                _remove(folder / META, sync_dir=False)
+                _write_file(folder / RUNE, data, crash_step="write-slot", sync_dir=False)
                 _write_file(folder / META, _dump(info.to_json()))
             except SlotError:
                 with suppress(SlotError):
@@ -446,6 +483,7 @@ class Slots:
                 info.installed_at, EventKind.INSTALL, slot, info.ref, info.sha256, reason
             )
             self._write_state(replace(state, installing=None).with_event(event))
+            self._written[slot] = (info, _file_id(folder / RUNE), _file_id(folder / META))
             return slot
 
     def switch(self, slot: str, now: float) -> SlotRune:
@@ -458,10 +496,12 @@ class Slots:
                 raise SlotError(f"slot {slot} is already active")
             if state.installing is not None and state.installing.slot == slot:
                 raise SlotError(f"slot {slot} is still being installed")
-            try:
-                info = self._check(slot)[1]
-            except SlotCorrupted as exc:
-                raise SlotError(f"cannot switch: {exc}; install the rune again") from None
+            info = self._just_written(slot)
+            if info is None:
+                try:
+                    info = self._check(slot)[1]
+                except SlotCorrupted as exc:
+                    raise SlotError(f"cannot switch: {exc}; install the rune again") from None
             crash_point("switch")
             event = SlotEvent(now, EventKind.SWITCH, slot, info.ref, info.sha256)
             switched = replace(
@@ -537,6 +577,7 @@ class Slots:
     def recover(self, now: float, *, refuse: Refuse | None = None) -> SlotState:
         """Make the slots consistent after a crash at any point; call at every agent start."""
         with self._locked():
+            self._written.clear()
             for folder in (self.root, *(self.root / s for s in SLOTS)):
                 for leftover in folder.glob(f"*{TMP_SUFFIX}"):
                     if leftover.is_file():
@@ -631,6 +672,19 @@ class Slots:
                 f"{sha256[:12]} {STATE} expects there"
             )
         return data, info
+
+    def _just_written(self, slot: str) -> SlotRune | None:
+        """What `install` wrote into `slot`, if neither of its files has changed since."""
+        written = self._written.pop(slot, None)
+        if written is None:
+            return None
+        info, rune, meta = written
+        folder = self.root / slot
+        if rune is None or meta is None:
+            return None
+        if _file_id(folder / RUNE) != rune or _file_id(folder / META) != meta:
+            return None
+        return info
 
     def _meta_if_intact(self, slot: str, sha256: str | None = None) -> SlotRune | None:
         try:
@@ -809,7 +863,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, data: bytes, *, crash_step: str | None = None) -> None:
+def _file_id(path: Path) -> FileId | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _write_file(
+    path: Path, data: bytes, *, crash_step: str | None = None, sync_dir: bool = True
+) -> None:
+    """Replace `path` with `data` (see Rules); `sync_dir=False` leaves the directory fsync to
+    the caller, who must make one in the same directory before anything relies on `path`."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -825,20 +891,22 @@ def _write_file(path: Path, data: bytes, *, crash_step: str | None = None) -> No
             handle.flush()
             os.fsync(handle.fileno())
         tmp.replace(path)
-        _fsync_dir(path.parent)
+        if sync_dir:
+            _fsync_dir(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise SlotError(f"cannot write {path}: {exc}") from None
 
 
-def _remove(path: Path) -> None:
+def _remove(path: Path, *, sync_dir: bool = True) -> None:
     try:
         path.unlink()
     except FileNotFoundError:
         return
     except OSError as exc:
         raise SlotError(f"cannot remove {path}: {exc}") from None
-    _fsync_dir(path.parent)
+    if sync_dir:
+        _fsync_dir(path.parent)
 
 
 def _finite(value: Any) -> TypeGuard[float]:

@@ -4,8 +4,10 @@ Rules:
 - Nothing is written to a slot before the target is verified by TUF (signatures, versions,
   expiry, length, SHA-256), its signed `custom` metadata passes the device policy, and the
   downloaded rune's own manifest agrees with that metadata.
-- The active rune is never touched until the new one is fully written (fsynced) into the inactive
-  slot and has passed the health check in the sandbox; the switch is one atomic write.
+- The new rune is health-checked in the sandbox from memory before it is written, so an unhealthy
+  rune never displaces the previous rune kept in the inactive slot. The active rune is never
+  touched until the new one is fully written (fsynced) into the inactive slot; the switch is one
+  atomic write.
 - A rune older than the active version of the same org and name is refused (a rollback attack
   or a mistake); going back is `rollback`, which uses the slot that ran before.
 - Every refresh also enforces revocation: an active rune whose target is no longer published is
@@ -16,6 +18,7 @@ Rules:
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +47,10 @@ TUF_DIR = "tuf"
 PARTIAL_DIR = "partial"
 
 
+@functools.cache
 def agent_version() -> str:
+    """This agent's version; read once per process (`importlib.metadata` scans the installed
+    distributions, ~0.1 ms, and the installed version does not change under a running agent)."""
     return dist_version("fleet-tinyml")
 
 
@@ -187,12 +193,6 @@ def update(
         raise UpdateRefused(f"{target.ref}: {matches.reason}", "wrong-software")
     report.step("the rune's own manifest matches its signed metadata")
 
-    info = _slot_rune(target, verified.sha256, verified.length, clock())
-    slot = slots.install(verified.data, info)
-    report.slot = slot
-    report.sha256 = verified.sha256
-    report.step(f"wrote slot {slot} (fsynced); the active rune is untouched")
-
     allowed = policy.allowed_kinds()
     health = health_check(
         verified.data, target.ref, limits, policy.health_check_calls, allowed=allowed
@@ -200,9 +200,15 @@ def update(
     report.health = health
     if not health.ok:
         report.status = "health-check-failed"
-        report.step(f"health check failed, not switching: {health.reason}")
+        report.step(f"health check failed, nothing installed: {health.reason}")
         return report
     report.step(f"health check passed: {health.reason} in {health.duration * 1000:.0f} ms")
+
+    info = _slot_rune(target, verified.sha256, verified.length, clock())
+    slot = slots.install(verified.data, info, verified=verified)
+    report.slot = slot
+    report.sha256 = verified.sha256
+    report.step(f"wrote slot {slot} (fsynced); the active rune is untouched")
 
     slots.switch(slot, clock())
     report.status = "installed"

@@ -4,6 +4,8 @@ Rules:
 - Every request carries the device's `ota.request_auth` signature over `GET` and the URL path with
   its query. Redirects are not followed and only 200 and 206 are successes; any other status is a
   `DownloadHTTPError` with that status (404 is how ngclient learns there is no newer root).
+  The body of such an answer is read to its end when it declares at most `DRAIN_LIMIT` bytes,
+  so the connection is kept for the next request; any other one is closed unread.
 - No read is unbounded: bodies are read in chunks of at most `chunk_size`, a download stops with
   `DownloadLengthMismatchError` the moment it would exceed the length ngclient allows (a declared
   `Content-Length` that is too long is refused before the body is read), and a download that
@@ -12,13 +14,18 @@ Rules:
 - A connection that drops or stalls mid-body is resumed with `Range: bytes=<received>-`, at most
   `retries` times per download. The answer is used only if it is a 206 whose `Content-Range`
   starts exactly there; a 200, a 416 or any other range starts the file over from byte 0.
+- Bodies are collected in memory (`download_bytes`), never in a temp file: metadata is small and
+  bounded by ngclient's limits, and a target is bounded by its signed length and is needed in
+  memory anyway.
 - Target downloads, and only those (the updater announces each one with `expect_target`), are
   also written to `partial_dir/<sha256>.part` as they arrive, so a download cut by a crash or a
-  power loss resumes where it stopped. The file is keyed by the content hash that is already part
-  of the target's URL, so it can only ever hold (a prefix of) that one file. A partial is never
-  trusted: ngclient checks the length and hashes of the whole file, and the partial is deleted
-  once that check has run, whether it passed or failed, so a corrupt partial costs one refused
-  download and never more. Metadata is never resumed from disk.
+  power loss resumes where it stopped: the next download reads the stored prefix back and asks
+  only for the rest. The file is keyed by the content hash that is already part of the target's
+  URL, so it can only ever hold (a prefix of) that one file. A partial is never trusted: the
+  updater checks the length and hashes of the whole body (stored prefix included) against the
+  signed metadata, and deletes the partial once that check has run, whether it passed or failed
+  (`discard_partial`), so a corrupt partial costs one refused download and never more. Metadata
+  is never resumed from disk.
 - The progress callback sees each target chunk after it has been written (and flushed) to the
   partial file.
 """
@@ -26,12 +33,12 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import io
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 from urllib.parse import urlsplit
 
 import urllib3
@@ -58,6 +65,7 @@ DEFAULT_READ_TIMEOUT_S = 30.0
 DEFAULT_TOTAL_TIMEOUT_S = 900.0
 DEFAULT_RETRIES = 3
 
+DRAIN_LIMIT = 4096  # bytes of an error response's body read so its connection is kept
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
@@ -140,34 +148,39 @@ class TufFetcher(FetcherInterface):
 
     # ngclient's side.
 
-    @contextlib.contextmanager
-    def download_file(self, url: str, max_length: int) -> Iterator[IO[bytes]]:
+    def download_bytes(self, url: str, max_length: int) -> bytes:
+        """The body of `url`, at most `max_length` bytes, in memory (ngclient's metadata reads
+        and `TufClient.fetch_target`); an announced target also goes to its partial file."""
         target = self._target_digest(url)
         partial = self.partial_path(target) if target else None
-        if target is None or partial is None:
-            with tempfile.TemporaryFile() as out:
-                self._download(url, out, 0, max_length, target is not None)
-                out.seek(0)
-                yield out
-            return
+        if partial is None:
+            return self._download(url, None, 0, b"", max_length, target is not None)
         partial.parent.mkdir(parents=True, exist_ok=True)
-        partial.touch()
-        with partial.open("r+b") as out:
+        # Opened to append: every write lands at the end of what is kept (see `_download`).
+        with partial.open("a+b") as out:
             stored = out.seek(0, 2)
             if stored > max_length:
-                out.seek(0)
-                out.truncate()
+                out.truncate(0)
                 stored = 0
-            if stored < max_length:
-                self._download(url, out, stored, max_length, True)
             out.seek(0)
-            try:
-                yield out
-            finally:
+            prefix = out.read(stored) if stored else b""
+            if len(prefix) == max_length:
+                return prefix
+            return self._download(url, out, len(prefix), prefix, max_length, True)
+
+    @contextlib.contextmanager
+    def download_file(self, url: str, max_length: int) -> Iterator[IO[bytes]]:
+        """`download_bytes` as a file; an announced target's partial is deleted afterwards (its
+        reader has checked it by then, or failed)."""
+        target = self._target_digest(url)
+        try:
+            yield io.BytesIO(self.download_bytes(url, max_length))
+        finally:
+            if target is not None:
                 self.discard_partial(target)
 
     def _fetch(self, url: str) -> Iterator[bytes]:
-        """The body of `url`, resumed after drops; ngclient itself uses `download_file`."""
+        """The body of `url`, resumed after drops; ngclient itself uses `download_bytes`."""
         return self._plain_chunks(url)
 
     def _plain_chunks(self, url: str) -> Iterator[bytes]:
@@ -189,19 +202,37 @@ class TufFetcher(FetcherInterface):
         name = urlsplit(url).path.rpartition("/")[2]
         return expected if name.startswith(f"{expected}.") else None
 
-    def _download(self, url: str, out: IO[bytes], start: int, limit: int, is_target: bool) -> None:
+    def _download(
+        self,
+        url: str,
+        out: BinaryIO | None,
+        start: int,
+        prefix: bytes,
+        limit: int,
+        is_target: bool,
+    ) -> bytes:
+        """The body from byte `start` appended to `prefix` (its first `start` bytes); with `out`
+        (a target's partial file), each chunk is also written and flushed there before
+        `progress` sees it, so a crash leaves what arrived for a resume."""
         deadline = time.monotonic() + self._total_timeout
+        chunks = [prefix] if prefix else []
         written = start
         for position, chunk in self._stream(url, start, limit, deadline):
             if position != written:
-                out.seek(position)
-                out.truncate()
-            out.write(chunk)
+                # The server started over: keep only what precedes `position` (always 0 today).
+                kept = b"".join(chunks)[:position]
+                chunks = [kept] if kept else []
+                if out is not None:
+                    out.seek(position)
+                    out.truncate()
+            chunks.append(chunk)
             written = position + len(chunk)
-            if is_target:
+            if out is not None:
+                out.write(chunk)
                 out.flush()
-                if self._progress is not None:
-                    self._progress(url, written)
+            if is_target and self._progress is not None:
+                self._progress(url, written)
+        return b"".join(chunks)
 
     def _stream(
         self, url: str, start: int, limit: int | None, deadline: float
@@ -254,7 +285,7 @@ class TufFetcher(FetcherInterface):
                     status = response.status
                 position = 0
         if status not in (200, 206) or (status == 206 and position == 0):
-            _finish(response, False)
+            _finish(response, _drained(response))
             raise DownloadHTTPError(f"HTTP {status} for {_path(url)}", status)
         declared = response.headers.get("Content-Length")
         total = position + int(declared) if declared and declared.isdigit() else None
@@ -300,6 +331,18 @@ class TufFetcher(FetcherInterface):
             raise DownloadError(f"GET {path} from {parts.netloc} failed: {reason}") from exc
         except urllib3.exceptions.HTTPError as exc:
             raise DownloadError(f"GET {path} from {parts.netloc} failed: {exc}") from exc
+
+
+def _drained(response: urllib3.BaseHTTPResponse) -> bool:
+    """Whether the short body of a refusal was read to its end, so that its connection can be
+    reused: ngclient learns there is no newer root from a 404, on every refresh."""
+    declared = response.headers.get("Content-Length")
+    if not declared or not declared.isdigit() or int(declared) > DRAIN_LIMIT:
+        return False
+    try:
+        return len(response.read(DRAIN_LIMIT + 1)) == int(declared)
+    except (urllib3.exceptions.HTTPError, OSError):
+        return False
 
 
 def _finish(response: urllib3.BaseHTTPResponse, complete: bool) -> None:

@@ -6,9 +6,13 @@ Rules:
   rotation chain from it (ngclient with `bootstrap=None`).
 - Every metadata file has a bounded size (`UpdateLimits`); a target larger than
   `max_target_bytes` is refused from its signed length before a byte of it is fetched.
-- A target is returned only after ngclient has checked its length and SHA-256 against the signed
-  targets metadata; its bytes are handed back in memory and no copy is left on disk (copies left
-  by a crash are removed when the next client starts).
+- A target is returned only after python-tuf's `TargetFile.verify_length_and_hashes` (the check
+  ngclient's `download_target` makes) has passed against the signed targets metadata, on the very
+  bytes object that is handed back: the body is fetched into memory (bounded by the signed length,
+  from the URL ngclient would use) and nothing is copied to or read back from disk after the
+  check. Only the fetcher's partial file touches the disk, for resuming, and it is deleted once
+  the check has run. (`.target-*` copies an older client may have left behind are removed when
+  the next client starts.)
 - Every failure is one of three errors, each with a one-line reason and a short `kind`:
   `UpdateRefused` when the repository presented something that must not be trusted (bad or
   missing signatures, expired metadata, a rollback, bytes that do not match the signed hashes,
@@ -17,18 +21,17 @@ Rules:
   and `UpdateUnauthorized`, a kind of `UpdateUnavailable`, when the server refused the device's
   signed request (HTTP 401/403): the device is not registered or its clock is off, which retrying
   alone will not fix.
-- ngclient refreshes top-level metadata once per `Updater`, so each `refresh` starts a new one
-  from the metadata trusted so far; rollback protection carries over through the metadata dir.
+- ngclient refreshes top-level metadata once per `Updater`: the first `refresh` uses the one
+  built (and whose trusted root was loaded and verified) when the client started, and each later
+  `refresh` starts a new one from the metadata trusted so far; rollback protection carries over
+  through the metadata dir.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -149,13 +152,18 @@ class TufClient:
                 "no-trusted-root",
             )
         self._updater = self._new_updater()
+        # What `_updater` was built from, while it has not refreshed: the first `refresh` uses
+        # it unless one of these was changed since.
+        self._unrefreshed: tuple[object, ...] | None = self._settings()
         self._refreshed = False
         for leftover in self.download_dir.glob(f"{_DOWNLOAD_PREFIX}*"):
             leftover.unlink(missing_ok=True)
 
     def refresh(self) -> None:
         """Fetch and verify the newest root, timestamp, snapshot and targets."""
-        self._updater = self._new_updater()
+        if self._unrefreshed is None or self._unrefreshed != self._settings():
+            self._updater = self._new_updater()
+        self._unrefreshed = None
         self._refreshed = False
         with self._translated("metadata"):
             self._updater.refresh()
@@ -189,24 +197,21 @@ class TufClient:
                 "this device accepts",
                 "too-large",
             )
-        self.download_dir.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=self.download_dir, prefix=_DOWNLOAD_PREFIX)
-        os.close(fd)
         try:
             with (
                 self._translated("target", path),
                 self.fetcher.expect_target(info.sha256),
             ):
-                self._updater.download_target(targetfile, filepath=name)
-                data = Path(name).read_bytes()
+                data = self.fetcher.download_bytes(self._target_url(targetfile), info.length)
+                try:
+                    # ngclient's own check (what `Updater.download_target` runs), on the very
+                    # bytes object handed back below: nothing is copied or re-read after it.
+                    targetfile.verify_length_and_hashes(data)
+                finally:
+                    self.fetcher.discard_partial(info.sha256)
         except UpdateRefused:
             self.fetcher.discard_partial(info.sha256)
             raise
-        finally:
-            Path(name).unlink(missing_ok=True)
-        if len(data) != info.length or hashlib.sha256(data).hexdigest() != info.sha256:
-            # ngclient verified the download; this guards the copy it wrote for us.
-            raise UpdateRefused(f"{path} changed on disk after it was verified", "local-tamper")
         return VerifiedTarget(path, data, info.sha256, info.length, info.custom)
 
     def command_key(self) -> dict[str, Any]:
@@ -241,6 +246,23 @@ class TufClient:
                 "provision it again with the fleet's root.json",
                 "bad-trusted-root",
             ) from None
+
+    def _settings(self) -> tuple[object, ...]:
+        return (
+            self.metadata_dir,
+            self.server_url,
+            self.download_dir,
+            self.fetcher,
+            self.limits,
+        )
+
+    def _target_url(self, targetfile: TargetFile) -> str:
+        """Where `Updater.download_target` would fetch `targetfile` from."""
+        target_path = targetfile.path
+        if self._updater._trusted_set.root.consistent_snapshot:
+            directory, sep, basename = target_path.rpartition("/")
+            target_path = f"{directory}{sep}{next(iter(targetfile.hashes.values()))}.{basename}"
+        return f"{self.server_url}{TARGETS_PATH}{target_path}"
 
     def _lookup(self, path: str) -> TargetFile | None:
         if not self._refreshed:
