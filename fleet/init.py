@@ -6,7 +6,9 @@ Rules:
 - Root keys (k of n) go to `offline/`, apart from the online keys in `keys/`; the caller warns the
   operator to move them off the machine.
 - The admin token is returned once and stored only as a hash.
-- If any step fails, everything this run created is removed again: no half-made fleet.
+- If any step fails, everything this run created is removed again (keys, blobs, root.json, the
+  SQLite file): no half-made fleet. The config file, which makes a directory a fleet, is written
+  last.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from fleet.db.models import ApiToken, TufFile
 from fleet.fleetdir import ONLINE_KEYS, FleetConfig, FleetDir, FleetDirError
 from fleet.tokens import hash_token, new_token
 from fleet.tuf_store import FleetRepository, utcnow
-from ota.repository import ONLINE_ROLES, Repository, RepositoryError
+from ota.repository import ONLINE_ROLES, Repository
 
 
 @dataclass(frozen=True)
@@ -58,12 +60,15 @@ async def create_fleet(
         if sub.exists() and any(sub.iterdir()):
             raise FleetDirError(f"{sub} already holds files; refusing to overwrite keys")
     created_dir = not fleet_dir.path.exists()
-    made: list[Path] = []
+    sqlite_file = fleet_dir.path / "fleet.sqlite3"
+    ours = [fleet_dir.keys, fleet_dir.offline, fleet_dir.blobs, fleet_dir.root_json]
+    if db_url is None:
+        ours.append(sqlite_file)
+    made = [path for path in ours if not path.exists()]
     try:
         fleet_dir.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         for sub in (fleet_dir.keys, fleet_dir.offline):
             sub.mkdir(exist_ok=True, mode=0o700)
-            made.append(sub)
         offline_paths = [fleet_dir.offline / f"root-{i + 1}.pem" for i in range(root_keys)]
         root_signers = [generate_key_file(p) for p in offline_paths]
         online_paths = {role: fleet_dir.key_file(role) for role in ONLINE_KEYS}
@@ -79,10 +84,10 @@ async def create_fleet(
             now,
             config.lifetimes(),
         )
+        fleet_dir.root_json.write_bytes(files[0].data)
         url = db_url or fleet_dir.default_db_url()
         token = new_token()
         await open_database(url)
-        made.append(Path("<database>"))
         try:
             if await TufFile.all().exists():
                 raise FleetDirError(
@@ -97,7 +102,6 @@ async def create_fleet(
             raise DatabaseError(f"could not set up the database: {exc}") from None
         finally:
             await close_database()
-        fleet_dir.root_json.write_bytes(files[0].data)
         fleet_dir.config_file.write_text(config.to_yaml())
     except BaseException:
         if created_dir:
@@ -106,6 +110,8 @@ async def create_fleet(
             for path in made:
                 if path.is_dir():
                     shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
         raise
     return InitResult(
         fleet_dir=fleet_dir.path,
@@ -117,6 +123,3 @@ async def create_fleet(
         admin_token=token,
         root_threshold=root_threshold,
     )
-
-
-__all__ = ["InitResult", "RepositoryError", "create_fleet"]

@@ -170,8 +170,11 @@ class FleetRepository:
         async with self.lock:
             return await self._change(lambda: self.repository.refresh(now))
 
-    async def publish_command_key(self, now: datetime) -> list[PublishedFile]:
-        signer = load_key_file(self.fleet_dir.key_file("command"))
+    async def publish_command_key(
+        self, now: datetime, signer: CryptoSigner | None = None
+    ) -> list[PublishedFile]:
+        """Publish the command key's public half (by default the one in `keys/command.pem`)."""
+        signer = signer or load_key_file(self.fleet_dir.key_file("command"))
         document = command_key_document(signer)
         custom = {"fleet-command-key": {"keyid": public_key_of(signer).keyid}}
         return await self.add_or_replace(COMMAND_KEY_TARGET, document, custom, now)

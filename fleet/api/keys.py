@@ -9,6 +9,7 @@ needs no root signature: it is a TUF target, so rotating it is publishing a new 
 from __future__ import annotations
 
 import json
+import secrets
 
 from aiohttp import web
 from securesystemslib.signer import SSlibKey
@@ -76,10 +77,15 @@ async def _rotate_command_key(request: web.Request) -> dict[str, object]:
     ctl = controller(request)
     keys = ctl.fleet_dir.keys
     now = utcnow()
-    pending = keys / f"command.next-{int(now.timestamp())}.pem"
+    pending = keys / f"command.next-{int(now.timestamp())}-{secrets.token_hex(4)}.pem"
     signer = generate_key_file(pending)
+    try:
+        await ctl.repository.publish_command_key(now, signer)
+    except BaseException:
+        pending.unlink(missing_ok=True)
+        raise
+    # Only a published key is put to use: devices learn it through TUF before it signs anything.
     pending.replace(ctl.fleet_dir.key_file("command"))
-    await ctl.repository.publish_command_key(now)
     await ctl.update_gauges()
     keyid = public_key_of(signer).keyid
     log("keys.rotated", role="command", keyid=keyid)

@@ -155,6 +155,19 @@ def test_init_refuses_a_bad_threshold(tmp_path: Path, keys: str, threshold: str)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_init_that_fails_at_the_database_leaves_an_existing_dir_as_it_was(tmp_path: Path) -> None:
+    fleet_dir = tmp_path / "fleet"
+    fleet_dir.mkdir()
+    (fleet_dir / "notes.txt").write_text("the operator's own file")
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    url = f"postgres://fleet@127.0.0.1:{port}/fleet"
+    result = fleetctl("init", "--dir", fleet_dir, "--db-url", url)
+    assert "cannot reach the database" in refused(result, EXIT_INVALID)
+    assert sorted(p.name for p in fleet_dir.iterdir()) == ["notes.txt"]
+
+
 # fleetctl serve, when it cannot.
 
 
