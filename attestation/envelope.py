@@ -1,0 +1,88 @@
+"""DSSE envelopes: sign a payload with one key, and open one only with the key expected for it.
+
+Rules:
+- An envelope is the DSSE JSON form (securesystemslib `dsse.Envelope`) with exactly one
+  signature; its `payloadType` must be the one the caller expects.
+- Opening needs the expected public key up front: a signature by any other key, or a second
+  signature, is refused. An envelope is never trusted for naming its own key.
+- Anything that is not a well-formed envelope within `max_bytes` raises `EnvelopeError` naming what
+  was wrong; nothing here raises a library exception at its caller.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from securesystemslib.dsse import Envelope
+from securesystemslib.exceptions import FormatError, VerificationError
+from securesystemslib.signer import Key, Signer
+
+
+class EnvelopeError(Exception):
+    """An envelope that cannot be accepted; `kind` is a short machine-readable reason."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class SealedEnvelope:
+    """A parsed, not yet verified envelope: the payload must not be trusted before `open`."""
+
+    envelope: Envelope
+    keyid: str
+
+    @property
+    def untrusted_payload(self) -> bytes:
+        return self.envelope.payload
+
+    def open(self, key: Key) -> bytes:
+        """The payload, if the one signature is `key`'s; `EnvelopeError` otherwise."""
+        if self.keyid != key.keyid:
+            raise EnvelopeError("unknown-key", f"signed by key {self.keyid[:16]}, not the sender's")
+        try:
+            self.envelope.verify([key], 1)
+        except VerificationError:
+            raise EnvelopeError("bad-signature", "the signature does not verify") from None
+        return self.envelope.payload
+
+
+def seal(payload: bytes, payload_type: str, signer: Signer) -> bytes:
+    """`payload` in a DSSE envelope signed by `signer`, as compact JSON bytes."""
+    envelope = Envelope(payload, payload_type, {})
+    envelope.sign(signer)
+    return json.dumps(envelope.to_dict(), separators=(",", ":")).encode()
+
+
+def parse(data: bytes, payload_type: str, max_bytes: int) -> SealedEnvelope:
+    """Parse `data` as a one-signature DSSE envelope of `payload_type`, without verifying it."""
+    if len(data) > max_bytes:
+        raise EnvelopeError("oversized", f"{len(data)} bytes, more than the {max_bytes} allowed")
+    try:
+        document: Any = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EnvelopeError("malformed", f"not JSON ({exc})") from None
+    if not isinstance(document, dict):
+        raise EnvelopeError("malformed", "not a JSON object")
+    if not isinstance(document.get("payload"), str):
+        raise EnvelopeError("malformed", "no base64 payload")
+    try:
+        base64.b64decode(document["payload"], validate=True)
+    except (binascii.Error, ValueError):
+        raise EnvelopeError("malformed", "the payload is not base64") from None
+    if document.get("payloadType") != payload_type:
+        raise EnvelopeError("malformed", f"payloadType is not {payload_type}")
+    signatures = document.get("signatures")
+    if not isinstance(signatures, list) or len(signatures) != 1:
+        raise EnvelopeError("malformed", "an envelope carries exactly one signature")
+    try:
+        envelope = Envelope.from_dict(document)
+    except (KeyError, TypeError, ValueError, FormatError, binascii.Error) as exc:
+        raise EnvelopeError("malformed", f"not a DSSE envelope ({exc})") from None
+    (keyid,) = envelope.signatures
+    return SealedEnvelope(envelope, keyid)
