@@ -4,9 +4,12 @@
     health_check_calls: 3                 # calls a new rune must survive before the switch
     allow_downgrade: false                # accept an older version of the active rune
     probation: {window: 600, max_failures: 3, min_successes: 20}
+    run: {...}                            # the run loop's settings: see agent.runconfig
 
 Rules: the file is optional (the defaults apply); an unknown key or a bad value is a
-`PolicyError` naming it. The controller cannot change this file: it is the owner's.
+`PolicyError` naming it. The controller cannot change these settings: they are the owner's. The
+`run:` section is not read here: `agent.runconfig` reads and checks it, and it is the only part
+of the file a controller `config` command may rewrite.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from agent.probation import ProbationError, ProbationPolicy
 from ota.rune.runefile import CapabilityKind
 
 POLICY_FILE = "agent.yaml"
-_KEYS = {"allowed_capabilities", "health_check_calls", "allow_downgrade", "probation"}
+_KEYS = {"allowed_capabilities", "health_check_calls", "allow_downgrade", "probation", "run"}
 
 
 class PolicyError(ValueError):

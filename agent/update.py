@@ -138,14 +138,21 @@ def update(
     policy: AgentPolicy | None = None,
     limits: SandboxLimits | None = None,
     clock: Callable[[], float] = time.time,
+    slots: Slots | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> UpdateReport:
+    """Update to `org/name@version`. `slots` is the caller's `Slots` when it has one open (the
+    daemon shares one between its rune loop and updates); `on_phase` hears each phase as it
+    starts: "downloading", "verifying", "health-check", "installing"."""
     policy = policy or AgentPolicy()
     path = rune_target_path(org, name, version)
     report = UpdateReport(path)
     identity = DeviceIdentity.load_or_create(state_dir)
-    slots = Slots(state_dir, policy=policy.probation)
-    slots.recover(clock())
+    if slots is None:
+        slots = Slots(state_dir, policy=policy.probation)
+        slots.recover(clock())
     client = tuf_client(state_dir, server, identity)
+    phase = on_phase or (lambda _phase: None)
 
     client.refresh()
     report.step("refreshed the signed metadata (root, timestamp, snapshot, targets)")
@@ -185,7 +192,9 @@ def update(
                 "rollback",
             )
 
+    phase("downloading")
     verified = client.fetch_target(path)
+    phase("verifying")
     report.step(f"downloaded {verified.length} bytes and verified length and SHA-256")
     crash_point("verify")
     matches = rune_matches_target(target, verified.data)
@@ -193,6 +202,7 @@ def update(
         raise UpdateRefused(f"{target.ref}: {matches.reason}", "wrong-software")
     report.step("the rune's own manifest matches its signed metadata")
 
+    phase("health-check")
     allowed = policy.allowed_kinds()
     health = health_check(
         verified.data, target.ref, limits, policy.health_check_calls, allowed=allowed
@@ -204,6 +214,7 @@ def update(
         return report
     report.step(f"health check passed: {health.reason} in {health.duration * 1000:.0f} ms")
 
+    phase("installing")
     info = _slot_rune(target, verified.sha256, verified.length, clock())
     slot = slots.install(verified.data, info, verified=verified)
     report.slot = slot
