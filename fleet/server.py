@@ -2,10 +2,12 @@
 
 Rules:
 - Startup order: database (with migrations), repository, an immediate renewal (the controller may
-  have been down past a timestamp's expiry), then the HTTP listener; the first line on stdout is
-  `listening on http://HOST:PORT` once requests are accepted (port 0 picks a free port).
+  have been down past a timestamp's expiry), the broker (the embedded one unless a broker URL is
+  given) and the link to it, then the HTTP listener; the first line on stdout is
+  `listening on http://HOST:PORT` once requests are accepted (port 0 picks a free port), the
+  second `broker mqtt://HOST:PORT` (the URL devices are given).
 - Shutdown: stop accepting, let in-flight requests finish (up to `SHUTDOWN_GRACE_S`), stop the
-  renewal task, close the database.
+  broker link, the embedded broker and the renewal task, close the database.
 """
 
 from __future__ import annotations
@@ -13,18 +15,35 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from dataclasses import dataclass
 from importlib.metadata import version as dist_version
+from pathlib import Path
 
 from aiohttp import web
 
 from fleet.api.app import make_app
+from fleet.broker import EmbeddedBroker
+from fleet.channel import BrokerLink, BrokerSettings, ChannelMetrics
 from fleet.controller import Controller
 from fleet.db import close_database, open_database, redact
 from fleet.fleetdir import FleetDir
 from fleet.logs import log
+from fleet.outbox import CommandKey, Outbox
 from fleet.tuf_store import FleetRepository, utcnow
 
 SHUTDOWN_GRACE_S = 10.0
+
+
+@dataclass(frozen=True)
+class MqttOptions:
+    """The broker: `url` for an external one, else the embedded one on `listen`."""
+
+    url: str | None = None
+    listen: str | None = None
+    ca_cert: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    share_group: str | None = None
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -34,18 +53,41 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-async def serve(fleet_dir: FleetDir, listen: str | None, db_url: str | None) -> None:
+async def serve(
+    fleet_dir: FleetDir,
+    listen: str | None,
+    db_url: str | None,
+    mqtt: MqttOptions | None = None,
+) -> None:
     config = fleet_dir.load_config()
     host, port = parse_listen(listen or config.listen)
+    mqtt = mqtt or MqttOptions()
     url = fleet_dir.db_url(db_url)
     await open_database(url)
     runner: web.AppRunner | None = None
     ctl: Controller | None = None
+    broker: EmbeddedBroker | None = None
+    link: BrokerLink | None = None
     try:
         repository = await FleetRepository.open(fleet_dir, config.lifetimes())
         ctl = Controller(fleet_dir, config, repository, version=dist_version("fleet-tinyml"))
         await ctl.renew_once(utcnow())
         ctl.start()
+        broker_url = mqtt.url or config.mqtt_url
+        if broker_url is None:
+            broker_host, broker_port = parse_listen(mqtt.listen or config.mqtt_listen)
+            broker = EmbeddedBroker(broker_host, broker_port)
+            await broker.start()
+            broker_url = broker.url
+        ctl.outbox = Outbox(CommandKey(fleet_dir.key_file("command")), utcnow)
+        settings = BrokerSettings(
+            broker_url, mqtt.ca_cert, mqtt.client_cert, mqtt.client_key, mqtt.share_group
+        )
+        link = BrokerLink(
+            settings, ctl.outbox, ctl.device_key, ChannelMetrics(ctl.metrics.registry), utcnow
+        )
+        link.start()
+        ctl.device_broker_url = config.device_broker_url or broker_url
         runner = web.AppRunner(
             make_app(ctl), access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S, handle_signals=False
         )
@@ -55,7 +97,15 @@ async def serve(fleet_dir: FleetDir, listen: str | None, db_url: str | None) -> 
         bound = runner.addresses[0]
         url_host = f"[{host}]" if ":" in host else host  # an IPv6 address needs brackets in a URL
         print(f"listening on http://{url_host}:{bound[1]}", flush=True)
-        log("controller.started", listen=f"{host}:{bound[1]}", db=redact(url), fleet=config.name)
+        print(f"broker {ctl.device_broker_url}", flush=True)
+        log(
+            "controller.started",
+            listen=f"{host}:{bound[1]}",
+            db=redact(url),
+            fleet=config.name,
+            broker=redact(broker_url),
+            embedded_broker=broker is not None,
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -65,6 +115,10 @@ async def serve(fleet_dir: FleetDir, listen: str | None, db_url: str | None) -> 
     finally:
         if runner is not None:
             await runner.cleanup()
+        if link is not None:
+            await link.stop()
+        if broker is not None:
+            await broker.stop()
         if ctl is not None:
             await ctl.stop()
         await close_database()

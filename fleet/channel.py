@@ -1,0 +1,323 @@
+"""The controller's link to the broker: verify what devices send, publish what the outbox sends.
+
+Rules:
+- Nothing a device sends is trusted for arriving on its topic. `ota.protocol.open_message` checks
+  each envelope against the key of the enrolled device it claims to come from; a message on
+  another device's topic is `spoofed`, an unknown or not enrolled sender `unknown-sender`.
+- Each stream's last accepted `seq` is stored with the device and advanced with a conditional
+  update, so two copies of one message (a QoS 1 redelivery, a retained presence seen again after
+  a restart) are handled once: the same `seq` again is a duplicate, ignored and counted; a lower
+  one is a replay, refused.
+- Every refusal is counted in `fleet_messages_refused_total{kind}` and logged as a security event;
+  it changes nothing.
+- On every (re)connection the link subscribes to the device channels and asks the outbox to send
+  every unfinished command again; while connected it re-sends what was not acknowledged and
+  times out what passed its deadline (`Outbox.resend_due`) every `RESEND_INTERVAL_S`.
+- The link reconnects forever with full-jitter exponential backoff; the API keeps working while
+  the broker is away (commands stay queued).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiomqtt
+from prometheus_client import CollectorRegistry, Counter
+from securesystemslib.signer import Key
+
+from fleet.db import redact
+from fleet.db.models import Device
+from fleet.logs import log
+from fleet.outbox import Outbox
+from ota.protocol import (
+    CONTROLLER,
+    Channel,
+    Message,
+    MessageType,
+    Refusal,
+    claimed_issuer,
+    device_subscriptions,
+    open_message,
+    parse_topic,
+)
+
+RESEND_INTERVAL_S = 5.0
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 30.0
+CLIENT_ID = "fleet-controller"
+
+
+class ChannelMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.received = Counter(
+            "fleet_messages_received_total",
+            "Device messages accepted, by type",
+            ["type"],
+            registry=registry,
+        )
+        self.refused = Counter(
+            "fleet_messages_refused_total",
+            "Device messages refused: bad signature, unknown sender, spoofed, replayed, expired",
+            ["kind"],
+            registry=registry,
+        )
+        self.duplicates = Counter(
+            "fleet_messages_duplicate_total",
+            "Device messages seen again with the same seq (QoS 1 redelivery, retained presence)",
+            registry=registry,
+        )
+        self.device_security_events = Counter(
+            "fleet_device_security_events_total",
+            "Messages devices refused and reported (forged, replayed or stale commands)",
+            ["kind"],
+            registry=registry,
+        )
+        self.broker_connections = Counter(
+            "fleet_broker_connections_total",
+            "Times the controller (re)connected to the broker",
+            registry=registry,
+        )
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    url: str
+    ca_cert: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    share_group: str | None = None
+
+
+class BrokerLink:
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        outbox: Outbox,
+        device_key: Callable[[str], Awaitable[Key | None]],
+        metrics: ChannelMetrics,
+        clock: Callable[[], datetime],
+    ) -> None:
+        url = urlsplit(settings.url)
+        if url.scheme not in {"mqtt", "mqtts"} or not url.hostname:
+            raise ValueError(
+                f"{settings.url!r} is not a broker URL (mqtt://HOST:PORT or mqtts://HOST:PORT)"
+            )
+        self.settings = settings
+        self.outbox = outbox
+        self.device_key = device_key
+        self.metrics = metrics
+        self.clock = clock
+        self.connected = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._client: aiomqtt.Client | None = None
+        self._rng = random.Random()
+        self._was_up = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="broker-link")
+
+    async def stop(self) -> None:
+        self.outbox.publish = None
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    # -- the session -------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._session()
+            except aiomqtt.MqttError as exc:
+                log("broker.disconnected", error=str(exc))
+            except (OSError, ssl.SSLError) as exc:
+                log("broker.unreachable", error=str(exc))
+            self.connected.clear()
+            self.outbox.publish = None
+            attempt = 0 if self._was_up else attempt + 1
+            cap = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(attempt, 16))
+            await asyncio.sleep(self._rng.uniform(0, cap))
+
+    async def _session(self) -> None:
+        url = urlsplit(self.settings.url)
+        self._was_up = False
+        async with aiomqtt.Client(
+            url.hostname or "",
+            url.port or (8883 if url.scheme == "mqtts" else 1883),
+            identifier=f"{CLIENT_ID}-{random.getrandbits(32):08x}",
+            username=url.username,
+            password=url.password,
+            keepalive=30,
+            tls_context=self._tls_context() if url.scheme == "mqtts" else None,
+            max_queued_outgoing_messages=100_000,
+        ) as client:
+            for topic_filter in device_subscriptions(self.settings.share_group):
+                await client.subscribe(topic_filter, qos=1)
+
+            async def publish(topic_name: str, data: bytes) -> None:
+                await client.publish(topic_name, data, qos=1)
+
+            self.outbox.publish = publish
+            self._was_up = True
+            self.connected.set()
+            self.metrics.broker_connections.inc()
+            log("broker.connected", url=redact(self.settings.url))
+            resender = asyncio.create_task(self._resend_loop())
+            try:
+                async for message in client.messages:
+                    payload = message.payload
+                    data = payload if isinstance(payload, bytes | bytearray) else b""
+                    try:
+                        await self.handle(str(message.topic), bytes(data), message.retain)
+                    except Exception as exc:  # one bad message must not end the link
+                        log("channel.handler_failed", topic=str(message.topic), error=repr(exc))
+            finally:
+                resender.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await resender
+
+    async def _resend_loop(self) -> None:
+        await self.outbox.resend_all()
+        while True:
+            await asyncio.sleep(RESEND_INTERVAL_S)
+            try:
+                await self.outbox.resend_due()
+            except Exception as exc:  # the database may be away for a moment
+                log("outbox.resend_failed", error=repr(exc))
+
+    def _tls_context(self) -> ssl.SSLContext:
+        settings = self.settings
+        context = ssl.create_default_context(
+            cafile=str(settings.ca_cert) if settings.ca_cert else None
+        )
+        if settings.client_cert is not None:
+            context.load_cert_chain(
+                str(settings.client_cert),
+                str(settings.client_key) if settings.client_key else None,
+            )
+        return context
+
+    # -- one message -------------------------------------------------------------------------
+
+    async def handle(self, topic_name: str, data: bytes, retained: bool = False) -> Message | None:
+        """Check one device message and act on it; refusals are counted, never raised."""
+        parsed = parse_topic(topic_name)
+        if parsed is None:
+            return None
+        device_id, channel = parsed
+        if channel not in (Channel.STATUS, Channel.PRESENCE):
+            return None  # evidence and telemetry have their own consumers
+        claimed = claimed_issuer(data)
+        keys: dict[str, Key] = {}
+        if claimed is not None:
+            key = await self.device_key(claimed)
+            if key is not None:
+                keys[claimed] = key
+        device = await Device.get_or_none(id=device_id)
+        field = "presence_seq" if channel is Channel.PRESENCE else "status_seq"
+        last = int(getattr(device, field)) if device is not None else 0
+        now = self.clock()
+        try:
+            message = open_message(
+                data,
+                audience=CONTROLLER,
+                channel=channel,
+                key_for=keys.get,
+                last_seq=lambda _iss: max(last - 1, 0),
+                now=now.timestamp(),
+                topic_sender=device_id,
+            )
+        except Refusal as refusal:
+            self._refuse(refusal, device_id, topic_name)
+            return None
+        if message.seq == last:
+            self.metrics.duplicates.inc()
+            return None
+        advanced = await Device.filter(id=device_id, **{f"{field}__lt": message.seq}).update(
+            **{field: message.seq, "last_seen_at": now}
+        )
+        if not advanced:
+            self._refuse(
+                Refusal("replayed", f"seq {message.seq} was already seen"), device_id, topic_name
+            )
+            return None
+        self.metrics.received.labels(message.type.value).inc()
+        await self._dispatch(device_id, message)
+        return message
+
+    async def _dispatch(self, device_id: str, message: Message) -> None:
+        body = message.body
+        if message.type is MessageType.PRESENCE:
+            online = body.get("online") is True
+            await Device.filter(id=device_id).update(online=online)
+            log("device.presence", device=device_id, online=online)
+        elif message.type is MessageType.HELLO:
+            await Device.filter(id=device_id).update(
+                online=True,
+                last_hello=body,
+                **_runes(body),
+                agent_version=str(body.get("agent_version", ""))[:32] or None,
+            )
+            resent = await self.outbox.reconcile(device_id, body)
+            log("device.hello", device=device_id, resent=resent)
+        elif message.type is MessageType.STATUS:
+            await Device.filter(id=device_id).update(**_runes(body))
+            command = body.get("command_id")
+            if isinstance(command, str):
+                await self.outbox.report(
+                    device_id, command, str(body.get("state")), str(body.get("reason", ""))
+                )
+            else:
+                log(
+                    "device.rune_changed",
+                    device=device_id,
+                    state=str(body.get("state")),
+                    reason=str(body.get("reason", ""))[:200],
+                )
+        elif message.type is MessageType.SECURITY:
+            kind = str(body.get("kind", "unknown"))[:32]
+            self.metrics.device_security_events.labels(kind).inc()
+            log(
+                "security.device_refused",
+                device=device_id,
+                kind=kind,
+                reason=str(body.get("reason", ""))[:300],
+            )
+
+    def _refuse(self, refusal: Refusal, device_id: str, topic_name: str) -> None:
+        self.metrics.refused.labels(refusal.kind).inc()
+        log(
+            "security.message_refused",
+            kind=refusal.kind,
+            topic=topic_name,
+            device=device_id,
+            reason=str(refusal)[:300],
+        )
+
+
+def _runes(body: dict[str, Any]) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for name, ref_field, sha_field in (
+        ("active", "active_rune", "active_sha256"),
+        ("previous", "previous_rune", None),
+    ):
+        if name not in body:
+            continue
+        rune = body[name]
+        ref = rune.get("ref") if isinstance(rune, dict) else None
+        fields[ref_field] = str(ref)[:255] if isinstance(ref, str) else None
+        if sha_field is not None:
+            sha = rune.get("sha256") if isinstance(rune, dict) else None
+            fields[sha_field] = str(sha)[:64] if isinstance(sha, str) else None
+    return fields

@@ -1,0 +1,400 @@
+"""`fleetctl demo`: a whole fleet on this machine, end to end, on embedded defaults.
+
+A temporary fleet (SQLite, the embedded broker inside the controller), N agents as separate
+processes that enroll with a token, the example sine rune built, pushed, and deployed to every
+device through signed commands, then a summary of what each device verified, installed and runs.
+
+Rules:
+- Everything lives in one temporary directory, removed on exit (Ctrl-C included) unless `--keep`;
+  every process it started is stopped on exit, however it exits.
+- Exit 0 only if every device verified, installed and is running the rune (its outputs appear in
+  the device's local sink); 1 if any did not, with the reason per device; 4 if a process of the
+  demo could not start. The demo never prints a traceback for something that went wrong in it.
+- "Running" is checked where the data is, on the device: the agent's output sink. No output
+  leaves the device; only the deployment status goes to the controller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from fleet.client import ApiClient, ApiClientError, ControllerUnreachable
+
+EXAMPLE = "sine"
+EXAMPLE_VERSION = "0.1.0"
+START_TIMEOUT_S = 90.0
+TERMINAL = {"succeeded", "failed", "refused", "rolled-back", "done", "timed-out"}
+AGENT_RUN_CONFIG = {"input": {"kind": "random", "seed": 7}, "interval_s": 0.25}
+AGENT = "from agent.cli import main; main()"
+FLEETCTL = "from fleet.cli import main; main()"
+
+
+class DemoError(Exception):
+    """A step of the demo that could not be done; the message says which and why."""
+
+
+@dataclass
+class DeviceRow:
+    index: int
+    state_dir: Path
+    id: str = ""
+    command: str = ""
+    state: str = "enrolling"
+    reason: str = ""
+    active_rune: str | None = None
+    outputs: int = 0
+
+    @property
+    def running(self) -> bool:
+        return self.outputs > 0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "state": self.state,
+            "reason": self.reason,
+            "active_rune": self.active_rune,
+            "verified": self.state == "succeeded",
+            "installed": self.active_rune is not None,
+            "running": self.running,
+            "outputs": self.outputs,
+        }
+
+
+@dataclass
+class Processes:
+    """The processes the demo started, stopped in reverse order whatever happens."""
+
+    logs: Path
+    started: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+
+    def start(
+        self, name: str, code: str, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("ab")
+        process = subprocess.Popen(
+            [sys.executable, "-c", code, *args],
+            stdout=subprocess.PIPE if name == "controller" else log,
+            stderr=log,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+        self.started.append((name, process))
+        return process
+
+    def stop_all(self) -> None:
+        for _, process in reversed(self.started):
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for _, process in reversed(self.started):
+            try:
+                process.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def run(ctx_console: Console, devices: int, keep: bool, as_json: bool) -> int:
+    console = Console(stderr=True) if as_json else ctx_console
+    workdir = Path(tempfile.mkdtemp(prefix="fleet-demo-"))
+    processes = Processes(workdir)
+    try:
+        summary = _demo(console, workdir, processes, devices, keep)
+    except DemoError as exc:
+        console.print(f"[red]demo failed:[/red] {exc}", highlight=False)
+        console.print(f"logs: {workdir}" if keep else "(run with --keep to keep the logs)")
+        return 4
+    except KeyboardInterrupt:
+        console.print("interrupted; stopping the demo")
+        return 130
+    finally:
+        if not keep:
+            processes.stop_all()
+            shutil.rmtree(workdir, ignore_errors=True)
+    ok = all(d["verified"] and d["installed"] and d["running"] for d in summary["devices"])
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        _print_summary(console, summary)
+    if keep:
+        _keep_running(console, summary, processes, workdir)
+    return 0 if ok else 1
+
+
+def _demo(
+    console: Console, workdir: Path, processes: Processes, count: int, keep: bool
+) -> dict[str, Any]:
+    import asyncio
+
+    from fleet.fleetdir import FleetDir
+    from fleet.init import create_fleet
+
+    fleet_dir = FleetDir(workdir / "fleet")
+    with console.status("creating a fleet (keys, TUF metadata, CA, SQLite)"):
+        result = asyncio.run(create_fleet(fleet_dir, root_keys=1, root_threshold=1, name="demo"))
+    console.print(f"fleet created in {fleet_dir.path} (root.json, keys, SQLite)")
+
+    with console.status("starting the controller and its embedded MQTT broker"):
+        controller = processes.start(
+            "controller",
+            FLEETCTL,
+            "serve",
+            "--dir",
+            str(fleet_dir.path),
+            "--listen",
+            "127.0.0.1:0",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+        )
+        server, broker = _controller_addresses(controller, workdir / "controller.log")
+    console.print(f"controller on {server}, broker on {broker}")
+    api = ApiClient(server, result.admin_token, timeout=30)
+
+    with console.status(f"building and pushing the example rune {EXAMPLE}@{EXAMPLE_VERSION}"):
+        bundle = _build_example(workdir)
+        pushed = _call(
+            api,
+            "POST",
+            "/api/v1/runes",
+            body=bundle,
+            params={"name": EXAMPLE, "version": EXAMPLE_VERSION},
+        )
+    console.print(f"pushed {pushed['target']} ({pushed['size']} bytes), signed as a TUF target")
+
+    token = _call(
+        api,
+        "POST",
+        "/api/v1/enrollment-tokens",
+        json_body={"uses": count, "ttl_s": 3600, "labels": {"demo": "yes"}},
+    )["token"]
+    rows = [DeviceRow(i + 1, workdir / "agents" / f"device-{i + 1}") for i in range(count)]
+    with console.status(f"enrolling {count} devices with a single-use-each token"):
+        for row in rows:
+            row.id = _enroll(processes, row, server, fleet_dir.root_json, token)
+            row.state = "enrolled"
+        for row in rows:
+            processes.start(f"agent-{row.index}", AGENT, "run", "--state-dir", str(row.state_dir))
+        _wait_online(api, rows)
+    console.print(f"{count} agents enrolled and connected (each its own process and key)")
+
+    for row in rows:
+        command = _call(
+            api,
+            "POST",
+            f"/api/v1/devices/{row.id}/deploy",
+            json_body={"rune": f"{EXAMPLE}@{EXAMPLE_VERSION}"},
+        )
+        row.command, row.state = command["id"], command["state"]
+    _follow(console, api, rows)
+    for row in rows:
+        device = _call(api, "GET", f"/api/v1/devices/{row.id}")
+        row.active_rune = device.get("active_rune")
+    _wait_running(rows)
+    return {
+        "rune": f"default/{EXAMPLE}@{EXAMPLE_VERSION}",
+        "controller": server,
+        "broker": broker,
+        "devices": [row.summary() for row in rows],
+        **({"admin_token": result.admin_token, "workdir": str(workdir)} if keep else {}),
+    }
+
+
+def _controller_addresses(process: subprocess.Popen[bytes], log: Path) -> tuple[str, str]:
+    assert process.stdout is not None
+    lines: list[str] = []
+    reader = threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    server = broker = None
+    while time.monotonic() < deadline and process.poll() is None:
+        for line in list(lines):
+            if line.startswith("listening on "):
+                server = line.removeprefix("listening on ").strip()
+            elif line.startswith("broker "):
+                broker = line.removeprefix("broker ").strip()
+        if server and broker:
+            return server, broker
+        time.sleep(0.05)
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+    raise DemoError(f"the controller did not start within {START_TIMEOUT_S:.0f} s:\n{tail}")
+
+
+def _read_lines(stream: IO[bytes], lines: list[str]) -> None:
+    for raw in stream:
+        lines.append(raw.decode(errors="replace"))
+
+
+def _build_example(workdir: Path) -> bytes:
+    """The example sine rune, built with the real `rune build` from the repository's examples
+    (their models are generated from code, so the demo needs a source checkout)."""
+    import importlib.util
+
+    from agent.sandbox.models import inspect_model
+    from ota.rune.build import build_bundle
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    spec = importlib.util.spec_from_file_location("fleet_demo_models", examples / "models.py")
+    if spec is None or spec.loader is None or not (examples / EXAMPLE).is_dir():
+        raise DemoError(
+            f"the demo builds the example rune from {examples}, which is missing: run it from a "
+            "source checkout of Fleet (`python3 dev.py demo`)"
+        )
+    models = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(models)
+    except ImportError as exc:
+        raise DemoError(
+            f"the example models need the dev tools ({exc}): `python3 dev.py demo`"
+        ) from None
+    scratch = workdir / "examples"
+    shutil.copytree(examples, scratch, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+    models.write_all(scratch)
+    return build_bundle(scratch / EXAMPLE / "Runefile.yml", inspect_model=inspect_model).data
+
+
+def _enroll(processes: Processes, row: DeviceRow, server: str, root: Path, token: str) -> str:
+    row.state_dir.mkdir(parents=True)
+    (row.state_dir / "agent.yaml").write_text(json.dumps({"run": AGENT_RUN_CONFIG}))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            AGENT,
+            "enroll",
+            "--server",
+            server,
+            "--root",
+            str(root),
+            "--token",
+            token,
+            "--state-dir",
+            str(row.state_dir),
+            "--label",
+            f"slot={row.index}",
+            "-o",
+            "json",
+        ],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise DemoError(f"device {row.index} could not enroll: {done.stderr.decode().strip()}")
+    return str(json.loads(done.stdout)["device_id"])
+
+
+def _wait_online(api: ApiClient, rows: list[DeviceRow]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    wanted = {row.id for row in rows}
+    while time.monotonic() < deadline:
+        devices = _call(api, "GET", "/api/v1/devices")["devices"]
+        if wanted <= {d["id"] for d in devices if d.get("online")}:
+            return
+        time.sleep(0.2)
+    raise DemoError(f"not every agent connected to the broker within {START_TIMEOUT_S:.0f} s")
+
+
+def _follow(console: Console, api: ApiClient, rows: list[DeviceRow]) -> None:
+    deadline = time.monotonic() + 300
+    with Live(_table(rows), console=console, refresh_per_second=8, transient=False) as live:
+        while time.monotonic() < deadline:
+            for row in rows:
+                if row.state not in TERMINAL:
+                    command = _call(api, "GET", f"/api/v1/commands/{row.command}")
+                    row.state, row.reason = command["state"], command["reason"]
+            live.update(_table(rows))
+            if all(row.state in TERMINAL for row in rows):
+                break
+            time.sleep(0.25)
+    console.print()
+
+
+def _wait_running(rows: list[DeviceRow], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for row in rows:
+            row.outputs = _count_outputs(row.state_dir)
+        if all(row.running for row in rows if row.state == "succeeded"):
+            return
+        time.sleep(0.25)
+
+
+def _count_outputs(state_dir: Path) -> int:
+    sink = state_dir / "outputs.jsonl"
+    try:
+        with sink.open("rb") as handle:
+            return sum(1 for _ in handle)
+    except OSError:
+        return 0
+
+
+def _table(rows: list[DeviceRow]) -> Table:
+    table = Table(title=f"deploying {EXAMPLE}@{EXAMPLE_VERSION}")
+    for column in ("#", "device", "state", "reason"):
+        table.add_column(column)
+    for row in rows:
+        color = {"succeeded": "green", "failed": "red", "refused": "red"}.get(row.state, "yellow")
+        table.add_row(str(row.index), row.id, f"[{color}]{row.state}[/{color}]", row.reason)
+    return table
+
+
+def _print_summary(console: Console, summary: dict[str, Any]) -> None:
+    table = Table(title=f"Fleet demo: {summary['rune']}")
+    table.add_column("device", no_wrap=True)
+    for column in ("verified", "installed", "running", "outputs"):
+        table.add_column(column)
+    table.add_column("active rune", no_wrap=True)
+    mark = {True: "[green]yes[/green]", False: "[red]no[/red]"}
+    for device in summary["devices"]:
+        table.add_row(
+            device["id"],
+            mark[device["verified"]],
+            mark[device["installed"]],
+            mark[device["running"]],
+            str(device["outputs"]),
+            device["active_rune"] or "-",
+        )
+    console.print(table)
+
+
+def _keep_running(
+    console: Console, summary: dict[str, Any], processes: Processes, workdir: Path
+) -> None:
+    console.print(
+        f"the fleet keeps running: API {summary['controller']}, admin token "
+        f"{summary['admin_token']}, files in {workdir}. Ctrl-C stops it and removes them.",
+        highlight=False,
+    )
+    try:
+        while all(p.poll() is None for _, p in processes.started):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        processes.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _call(api: ApiClient, method: str, path: str, **kwargs: Any) -> Any:
+    try:
+        return api.request(method, path, **kwargs)
+    except (ApiClientError, ControllerUnreachable) as exc:
+        raise DemoError(f"{method} {path}: {exc}") from None

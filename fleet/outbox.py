@@ -1,0 +1,223 @@
+"""The command outbox: every command is stored before it is published, and followed to its end.
+
+Rules:
+- A command is a `Command` row first (state `queued`); only then is it signed and published. A
+  publish that fails leaves it queued for the next attempt; nothing is sent that is not stored.
+- Each (re)send is a fresh envelope: the device's next `command_seq` (allocated under a lock and
+  stored before signing), a new `iat`, and `exp` = now + `COMMAND_TTL_S`, never past the command's
+  deadline. Devices run a command id at most once, so re-sending is always safe.
+- A command that was published but not acknowledged (`received` or later) within `RESEND_AFTER`
+  is sent again; all unfinished commands are sent again when the broker link reconnects and when
+  the device says `hello` without knowing them.
+- States only move forward: a terminal state (`TERMINAL`) is never changed, and a device can only
+  report on its own commands. A command whose deadline passes unfinished becomes `timed-out`, so
+  every command ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from securesystemslib.signer import Signer
+from tortoise.expressions import F
+
+from attestation.keys import load_key_file
+from fleet.db.models import Command, Device
+from fleet.logs import log
+from ota.protocol import (
+    COMMAND_TTL_S,
+    CONTROLLER,
+    TERMINAL_STATES,
+    Channel,
+    CommandState,
+    Message,
+    MessageType,
+    seal_message,
+    topic,
+)
+
+QUEUED = "queued"
+SENT = "sent"
+TIMED_OUT = "timed-out"
+TERMINAL = frozenset({*(s.value for s in TERMINAL_STATES), TIMED_OUT})
+UNACKED = frozenset({QUEUED, SENT})
+DEVICE_STATES = frozenset(s.value for s in CommandState)
+RESEND_AFTER = timedelta(seconds=30)
+DEFAULT_DEADLINE = timedelta(hours=6)
+_ORDER = {QUEUED: 0, SENT: 1, **{s.value: 2 + i for i, s in enumerate(CommandState)}}
+
+Publish = Callable[[str, bytes], Awaitable[None]]
+
+
+class OutboxError(Exception):
+    """A command that cannot be created (unknown or not enrolled device)."""
+
+
+class CommandKey:
+    """The command key in its file, loaded again when the file is replaced (a rotation)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._loaded: tuple[tuple[int, int], Signer] | None = None
+
+    def __call__(self) -> Signer:
+        stat = self.path.stat()
+        stamp = (stat.st_ino, stat.st_mtime_ns)
+        if self._loaded is None or self._loaded[0] != stamp:
+            self._loaded = (stamp, load_key_file(self.path))
+        return self._loaded[1]
+
+
+class Outbox:
+    def __init__(self, signer: Callable[[], Signer], clock: Callable[[], datetime]) -> None:
+        self.signer = signer
+        self.clock = clock
+        self.publish: Publish | None = None
+        self._seq_lock = asyncio.Lock()
+        self.on_change: Callable[[Command], None] = lambda _command: None
+
+    async def enqueue(
+        self,
+        device_id: str,
+        type_: MessageType,
+        body: dict[str, Any],
+        created_by: str,
+        deadline: timedelta = DEFAULT_DEADLINE,
+    ) -> Command:
+        device = await Device.get_or_none(id=device_id)
+        if device is None or device.state != "enrolled":
+            raise OutboxError(f"device {device_id} is not enrolled")
+        now = self.clock()
+        command = await Command.create(
+            id=uuid.uuid4().hex,
+            device_id=device_id,
+            type=type_.value,
+            body=body,
+            state=QUEUED,
+            created_by=created_by,
+            deadline=now + deadline,
+        )
+        log("command.queued", command=command.id, device=device_id, type=type_.value)
+        await self.send(command)
+        return command
+
+    async def send(self, command: Command) -> bool:
+        """Sign and publish `command` now; False (and still pending) if there is no broker link."""
+        if self.publish is None or command.state in TERMINAL:
+            return False
+        now = self.clock()
+        if command.deadline <= now:
+            await self._finish(command, TIMED_OUT, "the deadline passed before the device finished")
+            return False
+        seq = await self._next_seq(command.device_id)
+        expires = min(now + timedelta(seconds=COMMAND_TTL_S), command.deadline)
+        message = Message(
+            CONTROLLER,
+            command.device_id,
+            seq,
+            now.timestamp(),
+            expires.timestamp(),
+            MessageType(command.type),
+            {**command.body, "command_id": command.id},
+        )
+        data = seal_message(message, self.signer())
+        command.attempts += 1
+        command.last_seq = seq
+        command.sent_at = now
+        if command.state == QUEUED:
+            command.state = SENT
+        await command.save(update_fields=["attempts", "last_seq", "sent_at", "state", "updated_at"])
+        try:
+            await self.publish(topic(command.device_id, Channel.CMD), data)
+        except Exception as exc:  # the broker link reports it; the command stays pending
+            log("command.publish_failed", command=command.id, error=str(exc))
+            return False
+        return True
+
+    async def resend_due(self) -> int:
+        """Re-send what was not acknowledged in time and time out what passed its deadline."""
+        now = self.clock()
+        count = 0
+        for command in await Command.filter(
+            state__in=sorted(UNACKED - {QUEUED}), sent_at__lt=now - RESEND_AFTER
+        ):
+            count += await self.send(command)
+        for command in await Command.filter(state=QUEUED):
+            count += await self.send(command)
+        for command in await Command.filter(state__not_in=sorted(TERMINAL), deadline__lte=now):
+            await self._finish(command, TIMED_OUT, "the deadline passed before the device finished")
+        return count
+
+    async def resend_all(self, device_id: str | None = None) -> int:
+        """Send every unfinished command again (after a reconnect, or for one device's hello)."""
+        query = Command.filter(state__not_in=sorted(TERMINAL))
+        if device_id is not None:
+            query = query.filter(device_id=device_id)
+        count = 0
+        for command in await query.order_by("created_at"):
+            count += await self.send(command)
+        return count
+
+    async def report(self, device_id: str, command_id: str, state: str, reason: str) -> bool:
+        """A device's report on one of its commands; False if it was ignored."""
+        if state not in DEVICE_STATES:
+            return False
+        command = await Command.get_or_none(id=command_id, device_id=device_id)
+        if command is None or command.state in TERMINAL:
+            return False
+        if state not in TERMINAL and _ORDER[state] <= _ORDER.get(command.state, 0):
+            return False
+        if state in TERMINAL:
+            await self._finish(command, state, reason)
+        else:
+            command.state = state
+            await command.save(update_fields=["state", "updated_at"])
+            self.on_change(command)
+        return True
+
+    async def reconcile(self, device_id: str, hello: dict[str, Any]) -> int:
+        """Bring this device's commands in line with its `hello`; returns how many were re-sent."""
+        known: set[str] = set()
+        for result in hello.get("results") or []:
+            if isinstance(result, dict) and isinstance(result.get("id"), str):
+                known.add(result["id"])
+                await self.report(
+                    device_id, result["id"], str(result.get("state")), str(result.get("reason", ""))
+                )
+        flight = hello.get("in_flight")
+        if isinstance(flight, dict) and isinstance(flight.get("id"), str):
+            known.add(flight["id"])
+            await self.report(device_id, flight["id"], str(flight.get("state")), "")
+        count = 0
+        pending = Command.filter(device_id=device_id, state__not_in=sorted(TERMINAL))
+        for command in await pending.order_by("created_at"):
+            if command.id not in known:
+                count += await self.send(command)
+        return count
+
+    async def _finish(self, command: Command, state: str, reason: str) -> None:
+        command.state = state
+        command.reason = reason[:2000]
+        command.finished_at = self.clock()
+        await command.save(update_fields=["state", "reason", "finished_at", "updated_at"])
+        log(
+            "command.finished",
+            command=command.id,
+            device=command.device_id,
+            state=state,
+            reason=reason[:200],
+        )
+        self.on_change(command)
+
+    async def _next_seq(self, device_id: str) -> int:
+        async with self._seq_lock:
+            await Device.filter(id=device_id).update(command_seq=F("command_seq") + 1)
+            device = await Device.get_or_none(id=device_id).only("id", "command_seq")
+            if device is None:
+                raise OutboxError(f"device {device_id} was removed")
+            return int(device.command_seq)
