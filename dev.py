@@ -53,7 +53,7 @@ def main() -> int:
     python = str(BIN / "python")
     if command == "test":
         return run([python, "-m", "pytest", *sys.argv[2:]])
-    return run([python, "-m", "examples.demo", *sys.argv[2:]])
+    return run([str(BIN / "fleetctl"), "demo", *sys.argv[2:]])
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 Exit codes: 0 done; 1 the controller is unavailable or the rune failed while running (try again
 later); 2 the command line is wrong; 3 the update was refused (verification or policy: nothing
-was installed); 4 the new rune failed its health check (nothing installed, the active rune kept
-running); 5 local state is unusable (state dir locked, malformed file). Errors are one clear
+was installed), or enrollment was refused or the device rejected; 4 the new rune failed its
+health check (nothing installed, the active rune kept running); 5 local state is unusable (state
+dir locked, malformed file); 6 enrollment is pending an operator's approval. Errors are one clear
 line on stderr, never a traceback.
 """
 
@@ -26,6 +27,7 @@ EXIT_FAILED = 1
 EXIT_REFUSED = 3
 EXIT_UNHEALTHY = 4
 EXIT_STATE = 5
+EXIT_PENDING = 6
 
 app = typer.Typer(
     name="fleet-agent",
@@ -184,6 +186,101 @@ def check(
     out.print(stopped or "the active rune is still published", highlight=False)
 
 
+@app.command()
+def enroll(
+    server: Annotated[str, typer.Option("--server", envvar="FLEET_SERVER", help="Controller URL.")],
+    root: Annotated[
+        Path, typer.Option("--root", help="The fleet's root.json: becomes this device's anchor.")
+    ],
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            envvar="FLEET_ENROLL_TOKEN",
+            help="An enrollment token (`fleetctl tokens create`); without one, an operator must "
+            "approve the device.",
+            show_default=False,
+        ),
+    ] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option("--label", help="k=v to ask for (repeatable; a token's labels win)."),
+    ] = None,
+    wait: Annotated[
+        float,
+        typer.Option(help="Seconds to wait for an operator's approval while pending (0: none)."),
+    ] = 0.0,
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Enroll this device: prove its key, send its facts and a CSR, and get its certificate.
+
+    Exit codes: 0 enrolled (certificate in STATE_DIR/mqtt); 6 pending: an operator must approve
+    it (`fleetctl devices approve ID`), then run this again or pass --wait; 3 refused (bad token,
+    rejected device, bad request); 1 the controller is unavailable (try again later); 2 bad
+    arguments (server URL, root.json, labels); 5 local state is unusable.
+    """
+    from agent.enroll import (
+        Enrollment,
+        EnrollRefused,
+        EnrollStateError,
+        EnrollUnavailable,
+        iso,
+        poll,
+    )
+    from agent.enroll import enroll as run_enroll
+
+    labels: dict[str, str] = {}
+    for item in label or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"--label {item!r} is not k=v", 2)
+        labels[key] = value
+    if wait < 0:
+        _fail("--wait must not be negative", 2)
+    try:
+        result: Enrollment = run_enroll(state_dir, server, root, token, labels)
+        deadline = time.monotonic() + wait
+        while result.state == "pending" and time.monotonic() < deadline:
+            time.sleep(min(3.0, max(deadline - time.monotonic(), 0.0)))
+            result = poll(state_dir)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    except EnrollStateError as exc:
+        _fail(str(exc), EXIT_STATE)
+    except EnrollRefused as exc:
+        _fail(f"enrollment refused: {exc}", EXIT_REFUSED)
+    except EnrollUnavailable as exc:
+        _fail(f"cannot enroll now: {exc}", EXIT_FAILED)
+    if output is Output.json:
+        _emit_json(
+            result.to_json()
+            | {
+                "cert_not_before": iso(result.cert_not_before),
+                "cert_not_after": iso(result.cert_not_after),
+                "updated_at": iso(result.updated_at),
+            }
+        )
+    elif result.state == "enrolled":
+        out.print(f"device {result.device_id} [bold green]enrolled[/]", highlight=False)
+        if result.cert_not_after is not None:
+            out.print(f"certificate valid until {iso(result.cert_not_after)}", highlight=False)
+        out.print(f"broker {result.broker_url or '(none given)'}", highlight=False)
+    elif result.state == "pending":
+        out.print(f"device {result.device_id} [bold yellow]pending[/]", highlight=False)
+        out.print(
+            f"an operator must approve it: fleetctl devices approve {result.device_id}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    else:
+        out.print(f"device {result.device_id} [bold red]{result.state}[/]", highlight=False)
+    if result.state == "pending":
+        raise typer.Exit(EXIT_PENDING)
+    if result.state != "enrolled":
+        _fail(f"device {result.device_id} is {result.state}", EXIT_REFUSED)
+
+
 def _emit_failure(output: Output, target: str, status: str, kind: str, reason: str) -> None:
     if output is Output.json:
         _emit_json({"target": target, "status": status, "kind": kind, "reason": reason})
@@ -253,13 +350,67 @@ def rollback(
 @app.command()
 def run(
     state_dir: StateDirOpt = DEFAULT_STATE_DIR,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """The daemon: keep a session with the controller's broker, run the commands it sends
+    (deploy, rollback, ping, config) and run the active rune continuously on the configured
+    input source. Needs an enrolled device (`fleet-agent enroll`). Stops on SIGINT/SIGTERM."""
+    import asyncio
+    import logging
+    import signal
+
+    from agent.channel_state import ChannelStateError
+    from agent.daemon import Daemon, DaemonError, SessionConfig
+    from agent.enroll import ca_cert_file, device_cert_file, load_enrollment
+    from agent.policy import PolicyError
+    from agent.runconfig import RunConfigError
+    from agent.slots import SlotError
+
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("amqtt").setLevel(logging.WARNING)
+    enrollment = load_enrollment(state_dir)
+    if enrollment is None or not enrollment.enrolled or not enrollment.broker_url:
+        _fail(
+            f"{state_dir} holds no enrolled device; run `fleet-agent enroll --server URL "
+            f"--root ROOT.json --state-dir {state_dir}` first",
+            EXIT_STATE,
+        )
+    cert = device_cert_file(state_dir)
+    config = SessionConfig(
+        state_dir=state_dir,
+        server_url=enrollment.server,
+        broker_url=enrollment.broker_url,
+        ca_cert=ca_cert_file(state_dir) if ca_cert_file(state_dir).exists() else None,
+        client_cert=cert if cert.exists() else None,
+    )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await Daemon(config).run(stop)
+
+    try:
+        asyncio.run(main())
+    except (DaemonError, PolicyError, SlotError, ChannelStateError, RunConfigError) as exc:
+        _fail(str(exc), EXIT_STATE)
+
+
+@app.command()
+def infer(
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
     count: Annotated[int, typer.Option(help="How many inferences to run.")] = 1,
     interval: Annotated[float, typer.Option(help="Seconds between inferences.")] = 0.0,
 ) -> None:
     """Run the active rune COUNT times on synthetic inputs; each run counts for probation.
 
-    Outputs go to stdout as JSON lines. (Sensor input sources and the daemon arrive with the
-    command channel.)
+    Outputs go to stdout as JSON lines. (`fleet-agent run` is the daemon, which runs the rune
+    continuously on its configured input source.)
     """
     from agent.policy import AgentPolicy, PolicyError
     from agent.sandbox.errors import SandboxError

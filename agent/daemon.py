@@ -40,6 +40,7 @@ import aiomqtt
 from securesystemslib.signer import Key, SSlibKey
 
 from agent.channel_state import ChannelState
+from agent.enroll import EnrollError, load_enrollment, renew_if_due
 from agent.policy import AgentPolicy
 from agent.runconfig import RunConfig, RunConfigError, apply_config
 from agent.runloop import RuneLoop, StepKind, StepResult
@@ -70,6 +71,7 @@ KEEPALIVE_S = 30
 SECURITY_REPORTS_PER_MINUTE = 10
 KEY_REFRESH_MIN_INTERVAL_S = 30.0
 OUTGOING_LIMIT = 1000
+RENEWAL_CHECK_S = 60.0
 
 
 class DaemonError(Exception):
@@ -136,12 +138,14 @@ class Daemon:
         self._rng = random.Random()
         self._on_event = on_event or (lambda _kind, _data: None)
         self.connected = asyncio.Event()
+        self._renewed = asyncio.Event()
 
     # -- the session -------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set: learn the command key, then keep a session open."""
         runner = asyncio.create_task(self.loop.run(stop, self._on_step), name="rune-loop")
+        renewer = asyncio.create_task(self._renewal_loop(stop), name="certificate-renewal")
         await self._learn_command_key_until(stop)
         worker = asyncio.create_task(self._work_loop(), name="commands")
         try:
@@ -161,9 +165,10 @@ class Daemon:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
         finally:
-            worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker
+            for task in (worker, renewer):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             stop.set()
             await runner
 
@@ -195,17 +200,21 @@ class Daemon:
             sender = asyncio.create_task(self._send_loop(client))
             receiver = asyncio.create_task(self._receive_loop(client))
             stopper = asyncio.create_task(stop.wait())
+            renewed = asyncio.create_task(self._renewed.wait())
             try:
                 done, _ = await asyncio.wait(
-                    {sender, receiver, stopper}, return_when=asyncio.FIRST_COMPLETED
+                    {sender, receiver, stopper, renewed}, return_when=asyncio.FIRST_COMPLETED
                 )
+                if renewed in done:
+                    self._renewed.clear()
+                    log.info("the device certificate was renewed; reconnecting with it")
                 for task in done:
                     if task is not stopper and task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]
             finally:
-                for task in (sender, receiver, stopper):
+                for task in (sender, receiver, stopper, renewed):
                     task.cancel()
-                for task in (sender, receiver, stopper):
+                for task in (sender, receiver, stopper, renewed):
                     with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                         await task
             if stop.is_set():
@@ -475,6 +484,21 @@ class Daemon:
             "command_seq": self.channel.command_seq,
             "refused": self.channel.refused,
         }
+
+    # -- the certificate ---------------------------------------------------------------------
+
+    async def _renewal_loop(self, stop: asyncio.Event) -> None:
+        """Renew the broker certificate when a third of its lifetime is left, then reconnect."""
+        while not stop.is_set():
+            enrollment = load_enrollment(self.state_dir)
+            if enrollment is not None and enrollment.renewal_due(self.clock()):
+                try:
+                    if await asyncio.to_thread(renew_if_due, self.state_dir, self.clock()):
+                        self._renewed.set()
+                except EnrollError as exc:
+                    log.warning("could not renew the device certificate yet: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RENEWAL_CHECK_S)
 
     # -- the command key ---------------------------------------------------------------------
 

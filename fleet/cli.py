@@ -14,6 +14,7 @@ from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
+from urllib.parse import quote
 
 import typer
 from rich.console import Console
@@ -40,11 +41,19 @@ app = typer.Typer(
 runes_app = typer.Typer(help="Publish, list, show and revoke runes.", no_args_is_help=True)
 keys_app = typer.Typer(help="The fleet's TUF keys: status, root, rotation.", no_args_is_help=True)
 tokens_app = typer.Typer(help="API tokens for people and scripts.", no_args_is_help=True)
-devices_app = typer.Typer(help="Devices allowed to fetch updates.", no_args_is_help=True)
+devices_app = typer.Typer(
+    help="Devices: list, show, approve or reject enrollments, label, remove.",
+    no_args_is_help=True,
+)
+enroll_tokens_app = typer.Typer(
+    help="Enrollment tokens: pre-authorize devices to enroll without approval.",
+    no_args_is_help=True,
+)
 app.add_typer(runes_app, name="runes")
 app.add_typer(keys_app, name="keys")
 app.add_typer(tokens_app, name="api-tokens")
 app.add_typer(devices_app, name="devices")
+app.add_typer(enroll_tokens_app, name="tokens")
 
 
 class Output(StrEnum):
@@ -190,25 +199,71 @@ def serve(
         str | None, typer.Option(envvar="FLEET_DB_URL", help="Database URL (default: config).")
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    mqtt_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FLEET_MQTT_URL",
+            help="An external broker (mqtt:// or mqtts://, credentials in the URL). "
+            "Default: the embedded broker.",
+        ),
+    ] = None,
+    mqtt_listen: Annotated[
+        str | None,
+        typer.Option(help="HOST:PORT of the embedded broker (default: fleet.yaml, 1884)."),
+    ] = None,
+    mqtt_ca: Annotated[
+        Path | None, typer.Option(help="CA certificate the mqtts:// broker's must chain to.")
+    ] = None,
+    mqtt_cert: Annotated[
+        Path | None, typer.Option(help="The controller's client certificate (CN fleet-controller).")
+    ] = None,
+    mqtt_key: Annotated[Path | None, typer.Option(help="The key of --mqtt-cert.")] = None,
+    mqtt_share_group: Annotated[
+        str | None,
+        typer.Option(help="Consume device topics as this MQTT 5 shared-subscription group."),
+    ] = None,
 ) -> None:
-    """Run the controller: the API, the signed repository and the renewal schedule."""
+    """Run the controller: the API, the signed repository, the renewal schedule, and the link
+    to the MQTT broker (an embedded one unless --mqtt-url names another)."""
     _need_controller_extra()
     from attestation.keys import KeyFileError
     from fleet import logs
+    from fleet.broker import BrokerError
     from fleet.db import DatabaseError
     from fleet.fleetdir import FleetDir, FleetDirError
+    from fleet.server import MqttOptions
     from fleet.server import serve as run_server
     from ota.repository import RepositoryError
 
     logs.configure(log_level)
+    mqtt = MqttOptions(mqtt_url, mqtt_listen, mqtt_ca, mqtt_cert, mqtt_key, mqtt_share_group)
     try:
-        asyncio.run(run_server(FleetDir.from_option(directory), listen, db_url))
+        asyncio.run(run_server(FleetDir.from_option(directory), listen, db_url, mqtt))
+    except BrokerError as exc:
+        _fail(str(exc), EXIT_REFUSED)
     except ValueError as exc:
         _fail(str(exc), 2)
     except (FleetDirError, KeyFileError, DatabaseError, RepositoryError) as exc:
         _fail(str(exc), EXIT_INVALID)
     except OSError as exc:
         _fail(f"cannot listen: {exc.strerror or exc}", EXIT_REFUSED)
+
+
+@app.command()
+def demo(
+    devices: Annotated[int, typer.Option(help="How many agents to start.", min=1, max=50)] = 5,
+    keep: Annotated[
+        bool, typer.Option(help="Keep the fleet running and print its address and token.")
+    ] = False,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Run a whole fleet on this machine: a controller with its embedded broker, N agents that
+    enroll, and a signed deploy of the example rune to all of them. Exit 0 when every device
+    verified, installed and runs it."""
+    _need_controller_extra()
+    from fleet.demo import run
+
+    raise typer.Exit(run(out, devices, keep, output is Output.json))
 
 
 # Runes.
@@ -481,13 +536,7 @@ def devices_register(
     output: OutputOpt = Output.text,
 ) -> None:
     """Register a device key (`fleet-agent id` prints it) so the device may fetch updates."""
-    labels = {}
-    for item in label or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            _fail(f"--label {item!r} is not k=v", 2)
-        labels[key] = value
-    body = {"public_key": public_key, "labels": labels}
+    body = {"public_key": public_key, "labels": _parse_labels(label)}
     result = _call(server, token, lambda c: c.request("POST", "/api/v1/devices", json_body=body))
     if output is Output.json:
         _emit_json(result)
@@ -495,22 +544,317 @@ def devices_register(
     out.print(f"device {result['id']} registered")
 
 
+def _labels_text(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
+
+
+def _when(value: str | None) -> str:
+    """An ISO time from the API as `YYYY-MM-DD HH:MM:SS` (UTC), or `-`."""
+    return value[:19].replace("T", " ") if value else "-"
+
+
+def _parse_labels(items: list[str] | None, option: str = "--label") -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"{option} {item!r} is not k=v", 2)
+        labels[key] = value
+    return labels
+
+
+def _device_table(devices: list[dict[str, Any]]) -> Table:
+    table = Table("id", "state", "labels", "last seen", "agent", "active rune")
+    colours = {"enrolled": "green", "pending": "yellow", "rejected": "red"}
+    for d in devices:
+        colour = colours.get(d["state"], "white")
+        table.add_row(
+            d["id"],
+            f"[{colour}]{d['state']}[/]",
+            _labels_text(d["labels"]),
+            _when(d["last_seen_at"]),
+            d.get("agent_version") or "-",
+            d.get("active_rune") or "-",
+        )
+    return table
+
+
 @devices_app.command("list")
 def devices_list(
+    state: Annotated[
+        str | None, typer.Option("--state", help="Only pending, enrolled or rejected devices.")
+    ] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option("--label", help="Only devices with this label k=v (repeatable: all)."),
+    ] = None,
     server: ServerOpt = DEFAULT_SERVER,
     token: TokenOpt = None,
     output: OutputOpt = Output.text,
 ) -> None:
-    """List registered devices."""
-    result = _call(server, token, lambda c: c.request("GET", "/api/v1/devices"))
+    """List devices: state, labels, last seen, agent version, active rune."""
+    _parse_labels(label)
+    params: list[tuple[str, str]] = [("label", item) for item in label or []]
+    if state:
+        params.append(("state", state))
+    query = "&".join(f"{k}={quote(v, safe='=')}" for k, v in params)
+    path = "/api/v1/devices" + (f"?{query}" if query else "")
+    result = _call(server, token, lambda c: c.request("GET", path))
     if output is Output.json:
         _emit_json(result)
         return
-    table = Table("id", "state", "labels", "registered")
-    for d in result["devices"]:
-        labels = ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items()))
-        table.add_row(d["id"], d["state"], labels or "-", d["created_at"] or "-")
+    out.print(_device_table(result["devices"]))
+
+
+@devices_app.command("show")
+def devices_show(
+    device_id: Annotated[str, typer.Argument(metavar="ID", help="The device id.")],
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Show one device: state, labels, certificate, and the facts it reported."""
+    d = _call(
+        server, token, lambda c: c.request("GET", f"/api/v1/devices/{quote(device_id, safe='')}")
+    )
+    if output is Output.json:
+        _emit_json(d)
+        return
+    table = Table("", "", show_header=False, box=None)
+    for name, value in (
+        ("id", d["id"]),
+        ("state", d["state"]),
+        ("labels", _labels_text(d["labels"])),
+        ("online", "yes" if d["online"] else "no"),
+        ("last seen", _when(d["last_seen_at"])),
+        ("enrolled", _when(d["enrolled_at"])),
+        ("agent", d["agent_version"] or "-"),
+        ("active rune", d["active_rune"] or "-"),
+        ("previous rune", d["previous_rune"] or "-"),
+        ("certificate", d["cert_serial"] or "-"),
+        ("cert expires", _when(d["cert_not_after"])),
+        ("public key", d["public_key"]),
+    ):
+        table.add_row(name, str(value))
+    for name, value in sorted((d.get("facts") or {}).items()):
+        table.add_row(f"fact {name}", "-" if value is None else str(value))
     out.print(table)
+
+
+def _device_action(
+    device_id: str, action: str, server: str, token: str | None, output: Output
+) -> None:
+    path = f"/api/v1/devices/{quote(device_id, safe='')}/{action}"
+    result = _call(server, token, lambda c: c.request("POST", path))
+    if output is Output.json:
+        _emit_json(result)
+        return
+    out.print(f"device {result['id']} is {result['state']}", highlight=False)
+
+
+@devices_app.command("deploy")
+def devices_deploy(
+    device_id: Annotated[str, typer.Argument(metavar="ID", help="The device's id.")],
+    rune: Annotated[str, typer.Argument(metavar="NAME@VERSION", help="A published rune.")],
+    org: Annotated[str, typer.Option(help="The rune's org.")] = "default",
+    timeout: Annotated[
+        float, typer.Option(help="Seconds the device has to finish before it is timed out.")
+    ] = 6 * 3600,
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="Follow the command until it ends.")
+    ] = False,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Send one signed deploy command to a device (rollouts do many at once).
+
+    Exit 0 when sent (with --wait: when the device installed it), 1 when the device reports
+    failure, refusal or the command timed out.
+    """
+    path = f"/api/v1/devices/{quote(device_id, safe='')}/deploy"
+    body = {"rune": rune, "org": org, "timeout_s": timeout}
+    command = _call(server, token, lambda c: c.request("POST", path, json_body=body))
+    if wait:
+        command = _follow_command(server, token, command, output)
+    if output is Output.json:
+        _emit_json(command)
+    else:
+        reason = f" ({command['reason']})" if command["reason"] else ""
+        out.print(f"command {command['id']}: {command['state']}{reason}", highlight=False)
+    if command["state"] in {"failed", "refused", "timed-out", "rolled-back"}:
+        raise typer.Exit(1)
+
+
+def _follow_command(
+    server: str, token: str | None, command: dict[str, Any], output: Output
+) -> dict[str, Any]:
+    import time
+
+    terminal = {"succeeded", "failed", "refused", "rolled-back", "done", "timed-out"}
+    path = f"/api/v1/commands/{command['id']}"
+    seen = command["state"]
+    with err.status(f"{command['type']} to {command['device_id']}: {seen}") as status:
+        while command["state"] not in terminal:
+            time.sleep(0.3)
+            command = _call(server, token, lambda c: c.request("GET", path))
+            if command["state"] != seen:
+                seen = command["state"]
+                status.update(f"{command['type']} to {command['device_id']}: {seen}")
+    return command
+
+
+@devices_app.command("approve")
+def devices_approve(
+    device_id: Annotated[str, typer.Argument(metavar="ID", help="The pending device's id.")],
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Approve a pending device: it gets its certificate at its next poll."""
+    _device_action(device_id, "approve", server, token, output)
+
+
+@devices_app.command("reject")
+def devices_reject(
+    device_id: Annotated[str, typer.Argument(metavar="ID", help="The device's id.")],
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Reject a device: it may no longer enroll or fetch updates."""
+    _device_action(device_id, "reject", server, token, output)
+
+
+@devices_app.command("label")
+def devices_label(
+    device_id: Annotated[str, typer.Argument(metavar="ID", help="The device's id.")],
+    changes: Annotated[
+        list[str], typer.Argument(metavar="k=v|k-...", help="Set k to v, or remove k with k-.")
+    ],
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Set labels (k=v) and remove them (k-) on a device."""
+    set_labels: dict[str, str] = {}
+    remove: list[str] = []
+    for item in changes:
+        if "=" in item:
+            set_labels.update(_parse_labels([item], "label"))
+        elif item.endswith("-") and len(item) > 1:
+            remove.append(item[:-1])
+        else:
+            _fail(f"{item!r} is neither k=v (set) nor k- (remove)", 2)
+    body = {"set": set_labels, "remove": remove}
+    path = f"/api/v1/devices/{quote(device_id, safe='')}/labels"
+    result = _call(server, token, lambda c: c.request("PATCH", path, json_body=body))
+    if output is Output.json:
+        _emit_json(result)
+        return
+    out.print(f"device {result['id']} labels: {_labels_text(result['labels'])}", highlight=False)
+
+
+@devices_app.command("remove")
+def devices_remove(
+    device_id: Annotated[str, typer.Argument(metavar="ID", help="The device's id.")],
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Remove a device: it is forgotten, and must enroll (and be approved) again."""
+    path = f"/api/v1/devices/{quote(device_id, safe='')}"
+    result = _call(server, token, lambda c: c.request("DELETE", path))
+    if output is Output.json:
+        _emit_json(result)
+        return
+    out.print(f"device {result['id']} removed", highlight=False)
+
+
+# Enrollment tokens.
+
+
+@enroll_tokens_app.command("create")
+def enroll_tokens_create(
+    uses: Annotated[int, typer.Option("--uses", help="How many devices may enroll with it.")] = 1,
+    ttl: Annotated[
+        str, typer.Option("--ttl", help="How long it is valid: seconds, or like 30m, 1h, 7d.")
+    ] = "1h",
+    label: Annotated[
+        list[str] | None,
+        typer.Option("--label", help="k=v given to every device it enrolls (repeatable)."),
+    ] = None,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Create an enrollment token; it is shown once. Devices pass it to `fleet-agent enroll`."""
+    from fleet.fleetdir import parse_duration
+
+    try:
+        ttl_s = parse_duration(ttl).total_seconds()
+    except ValueError as exc:
+        _fail(f"--ttl: {exc}", 2)
+    if uses < 1:
+        _fail("--uses must be at least 1", 2)
+    body = {"uses": uses, "ttl_s": ttl_s, "labels": _parse_labels(label)}
+    result = _call(
+        server, token, lambda c: c.request("POST", "/api/v1/enrollment-tokens", json_body=body)
+    )
+    if output is Output.json:
+        _emit_json(result)
+        return
+    out.print(
+        f"enrollment token {result['id']} ({result['uses']} use(s), expires "
+        f"{_when(result['expires_at'])} UTC, labels {_labels_text(result['labels'])}), "
+        "shown once:",
+        highlight=False,
+    )
+    out.print(result["token"], highlight=False, soft_wrap=True)
+    out.print(
+        "enroll a device: fleet-agent enroll --server URL --root root.json --token TOKEN",
+        highlight=False,
+    )
+
+
+@enroll_tokens_app.command("list")
+def enroll_tokens_list(
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """List enrollment tokens: uses, labels, expiry and state (never the tokens)."""
+    result = _call(server, token, lambda c: c.request("GET", "/api/v1/enrollment-tokens"))
+    if output is Output.json:
+        _emit_json(result)
+        return
+    table = Table("id", "state", "used", "labels", "expires", "created by")
+    for t in result["tokens"]:
+        table.add_row(
+            str(t["id"]),
+            t["state"],
+            f"{t['used']}/{t['uses']}",
+            _labels_text(t["labels"]),
+            _when(t["expires_at"]),
+            t["created_by"],
+        )
+    out.print(table)
+
+
+@enroll_tokens_app.command("revoke")
+def enroll_tokens_revoke(
+    token_id: Annotated[int, typer.Argument(metavar="ID", help="The id (from `tokens list`).")],
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Revoke an enrollment token: no device may enroll with it any more."""
+    path = f"/api/v1/enrollment-tokens/{token_id}"
+    result = _call(server, token, lambda c: c.request("DELETE", path))
+    if output is Output.json:
+        _emit_json(result)
+        return
+    out.print(f"enrollment token {token_id} revoked", highlight=False)
 
 
 def main() -> None:

@@ -5,13 +5,17 @@ Rules:
   least every half of the shortest online lifetime, since a change re-signs roles between
   wake-ups) and re-signs what is due; a failure is logged and retried, never fatal, since an
   unrenewed timestamp only expires hours later.
-- Device keys are looked up in the database and cached; registering a device updates the cache.
+- Device keys are looked up in the database and cached; registering a device updates the cache,
+  and any change of a device's state (approve, reject, remove) calls `forget_device`.
+- The fleet CA (`ca`) is loaded, or made for a fleet created before it existed, when the
+  controller starts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,10 +23,12 @@ from datetime import datetime
 from securesystemslib.signer import SSlibKey
 
 from attestation.keys import key_from_raw
+from fleet.ca import FleetCA
 from fleet.db.models import Device, Rune
 from fleet.fleetdir import FleetConfig, FleetDir
 from fleet.logs import log
 from fleet.metrics import Metrics
+from fleet.outbox import Outbox
 from fleet.tuf_store import FleetRepository, utcnow
 from ota.repository import ONLINE_ROLES, TOP_LEVEL_ROLES
 
@@ -36,6 +42,10 @@ class Controller:
     repository: FleetRepository
     metrics: Metrics = field(default_factory=Metrics)
     version: str = "0"
+    # The broker URL handed to enrolling devices when fleet.yaml names none (set by `serve`).
+    device_broker_url: str | None = None
+    # The command outbox (set by `serve` once the broker link exists).
+    outbox: Outbox | None = None
     _device_keys: dict[str, SSlibKey] = field(default_factory=dict)
     _renewal: asyncio.Task[None] | None = None
 
@@ -52,6 +62,11 @@ class Controller:
 
     def forget_device(self, device_id: str) -> None:
         self._device_keys.pop(device_id, None)
+
+    @functools.cached_property
+    def ca(self) -> FleetCA:
+        """The fleet CA (made on first use if the fleet has none yet)."""
+        return FleetCA.load_or_create(self.fleet_dir.keys, self.config.name)
 
     async def update_gauges(self) -> None:
         repo = self.repository.repository
@@ -89,6 +104,8 @@ class Controller:
             await asyncio.sleep(wait)
 
     def start(self) -> None:
+        subject = self.ca.certificate.subject.rfc4514_string()  # made now if the fleet has none
+        log("ca.ready", certificate=str(self.fleet_dir.ca_cert), subject=subject)
         self._renewal = asyncio.create_task(self._renewal_loop(), name="tuf-renewal")
 
     async def stop(self) -> None:

@@ -4,22 +4,26 @@ Layout (made by `fleetctl init`):
 
     fleet.yaml          the config: listen address, database URL, metadata lifetimes
     root.json           the first TUF root: provision devices with it
-    keys/               online keys (timestamp, snapshot, targets, command), mode 0600
+    keys/               online keys (timestamp, snapshot, targets, command), mode 0600, and
+                        the fleet CA (ca.pem, 0600, and its certificate ca.crt)
     offline/            the root keys: move them off this machine after `init`
     blobs/sha256/       rune files, content-addressed
     fleet.sqlite3       the database, unless `db_url` points elsewhere
 
 Rules: a directory without `fleet.yaml` is not a fleet (`FleetDirError` says to run `fleetctl
-init`); the config is validated when loaded and a bad value is named with its key.
+init`); the config is validated when loaded and a bad value is named with its key. Durations
+(`device_cert_lifetime`) are seconds or a number with a unit (`90s`, `30m`, `24h`, `7d`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -28,17 +32,42 @@ from ota.repository import Lifetimes
 CONFIG_FILE = "fleet.yaml"
 DEFAULT_DIR = Path("fleet")
 DEFAULT_LISTEN = "127.0.0.1:8470"
+DEFAULT_MQTT_LISTEN = "127.0.0.1:1884"
 ONLINE_KEYS = ("targets", "snapshot", "timestamp", "command")
+DEVICE_CERT_LIFETIME_MIN = timedelta(minutes=5)
+DEVICE_CERT_LIFETIME_MAX = timedelta(days=90)
+BROKER_SCHEMES = ("mqtt", "mqtts", "ws", "wss")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 class FleetDirError(Exception):
     """A fleet directory or config file that cannot be used."""
 
 
+def parse_duration(value: object) -> timedelta:
+    """Seconds (a number) or a number with a unit s, m, h or d; ValueError when it is neither."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise ValueError(f"{value!r} is not a duration (seconds, or like 90s, 30m, 24h, 7d)")
+    if not 0 < seconds < 1e10:  # also refuses NaN, and what a timedelta cannot hold
+        raise ValueError(f"{value!r} is not a positive duration")
+    return timedelta(seconds=seconds)
+
+
 @dataclass
 class FleetConfig:
     name: str = "fleet"
     listen: str = DEFAULT_LISTEN
+    # The embedded MQTT broker's address (when no broker URL is given); dev and demo only.
+    mqtt_listen: str = DEFAULT_MQTT_LISTEN
+    # An external MQTT broker for the controller's link (`--mqtt-url` / FLEET_MQTT_URL win).
+    mqtt_url: str | None = None
     db_url: str | None = None
     root_threshold: int = 2
     root_keys: int = 3
@@ -52,9 +81,17 @@ class FleetConfig:
     )
     min_agent_version: str = "0.1.0"
     max_rune_bytes: int = 32 * 1024 * 1024
+    # How long a device certificate from the fleet CA is valid; agents renew at 2/3 of it.
+    device_cert_lifetime: int | float | str = "24h"
+    # The MQTT broker URL handed to devices at enrollment; None: the controller fills it in.
+    device_broker_url: str | None = None
 
     def lifetimes(self) -> Lifetimes:
         return Lifetimes(**{role: timedelta(hours=h) for role, h in self.lifetimes_hours.items()})
+
+    def cert_lifetime(self) -> timedelta:
+        """`device_cert_lifetime` as a timedelta (validated when the config was loaded)."""
+        return parse_duration(self.device_cert_lifetime)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(asdict(self), sort_keys=False)
@@ -83,6 +120,25 @@ class FleetConfig:
                 raise FleetDirError(f"{source}: lifetimes_hours.{role} must be a positive number")
         if not isinstance(config.max_rune_bytes, int) or config.max_rune_bytes <= 0:
             raise FleetDirError(f"{source}: max_rune_bytes must be a positive integer")
+        try:
+            lifetime = parse_duration(config.device_cert_lifetime)
+        except ValueError as exc:
+            raise FleetDirError(f"{source}: device_cert_lifetime: {exc}") from None
+        if not DEVICE_CERT_LIFETIME_MIN <= lifetime <= DEVICE_CERT_LIFETIME_MAX:
+            raise FleetDirError(
+                f"{source}: device_cert_lifetime must be between 5m and 90d, not "
+                f"{config.device_cert_lifetime!r}"
+            )
+        broker = config.device_broker_url
+        if broker is not None and (
+            not isinstance(broker, str)
+            or urlsplit(broker).scheme not in BROKER_SCHEMES
+            or not urlsplit(broker).hostname
+        ):
+            raise FleetDirError(
+                f"{source}: device_broker_url must be an mqtt://, mqtts://, ws:// or wss:// URL "
+                f"with a host, not {broker!r}"
+            )
         return config
 
 
@@ -119,6 +175,16 @@ class FleetDir:
 
     def key_file(self, role: str) -> Path:
         return self.keys / f"{role}.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        """The fleet CA's private key (see `fleet.ca`)."""
+        return self.keys / "ca.pem"
+
+    @property
+    def ca_cert(self) -> Path:
+        """The fleet CA's certificate: brokers and devices trust it for MQTT mTLS."""
+        return self.keys / "ca.crt"
 
     def default_db_url(self) -> str:
         return f"sqlite://{(self.path / 'fleet.sqlite3').resolve()}"

@@ -1,10 +1,11 @@
-"""`fleetctl init`: create a fleet: keys, the first TUF metadata, the database and an admin token.
+"""`fleetctl init`: create a fleet: keys, the fleet CA, the first TUF metadata, the database and an
+admin token.
 
 Rules:
 - Refuses to touch an existing fleet (a `fleet.yaml`, or a database that already holds TUF
   metadata); nothing is overwritten.
 - Root keys (k of n) go to `offline/`, apart from the online keys in `keys/`; the caller warns the
-  operator to move them off the machine.
+  operator to move them off the machine. The fleet CA (key and certificate) goes to `keys/` too.
 - The admin token is returned once and stored only as a hash.
 - If any step fails, everything this run created is removed again (keys, blobs, root.json, the
   SQLite file): no half-made fleet. The config file, which makes a directory a fleet, is written
@@ -21,6 +22,7 @@ from tortoise.exceptions import BaseORMException
 
 from attestation.keys import generate_key_file
 from fleet.blobs import BlobStore
+from fleet.ca import FleetCA
 from fleet.db import DatabaseError, close_database, open_database
 from fleet.db.models import ApiToken, TufFile
 from fleet.fleetdir import ONLINE_KEYS, FleetConfig, FleetDir, FleetDirError
@@ -39,6 +41,7 @@ class InitResult:
     db_url: str
     admin_token: str
     root_threshold: int
+    ca_cert: Path
 
 
 async def create_fleet(
@@ -73,6 +76,7 @@ async def create_fleet(
         root_signers = [generate_key_file(p) for p in offline_paths]
         online_paths = {role: fleet_dir.key_file(role) for role in ONLINE_KEYS}
         signers = {role: generate_key_file(p) for role, p in online_paths.items()}
+        FleetCA.load_or_create(fleet_dir.keys, name)
         now = utcnow()
         config = FleetConfig(
             name=name, db_url=db_url, root_keys=root_keys, root_threshold=root_threshold
@@ -122,4 +126,5 @@ async def create_fleet(
         db_url=url,
         admin_token=token,
         root_threshold=root_threshold,
+        ca_cert=fleet_dir.ca_cert,
     )

@@ -30,6 +30,13 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.enrollment_refused = Counter(
+            "fleet_enrollment_refused_total",
+            "Enrollment and certificate renewal requests refused: bad signature, replay, bad CSR, "
+            "bad token, rejected device",
+            ["reason"],
+            registry=self.registry,
+        )
         self.api_auth_refused = Counter(
             "fleet_api_auth_refused_total",
             "Operator API calls refused: no token, unknown token, role too low",

@@ -86,7 +86,6 @@ async def serve(
         link = BrokerLink(
             settings, ctl.outbox, ctl.device_key, ChannelMetrics(ctl.metrics.registry), utcnow
         )
-        link.start()
         ctl.device_broker_url = config.device_broker_url or broker_url
         runner = web.AppRunner(
             make_app(ctl), access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S, handle_signals=False
@@ -94,6 +93,7 @@ async def serve(
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         await site.start()
+        link.start()
         bound = runner.addresses[0]
         url_host = f"[{host}]" if ":" in host else host  # an IPv6 address needs brackets in a URL
         print(f"listening on http://{url_host}:{bound[1]}", flush=True)

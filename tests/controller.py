@@ -13,7 +13,8 @@ operator or a device sees: exit codes, HTTP statuses, signed TUF metadata.
 - `RunningController.cli(...)` runs `fleetctl` against it; `api(...)` calls its REST API (admin
   token by default, `token=None` for no token at all); `device(state_dir)` registers a new device
   and returns a `Device` that makes signed requests and runs a real TUF client (`ngclient`)
-  bootstrapped from the fleet's first root.json.
+  bootstrapped from the fleet's first root.json; `enroll(state_dir, ...)` runs
+  `fleet-agent enroll -o json` against it (`fleet_agent(...)` runs any agent command).
 - `fresh_postgres_database(server_url)` gives a private database (`fleet_test_<hex>`) and drops it.
 - `fleetctl(...)` runs the command without a controller (init, serve failures); `init_fleet` and
   `spawn_serve` are the two halves of `start_controller` for tests that need only one.
@@ -55,6 +56,7 @@ from ota.request_auth import sign_request
 _json = json  # `RunningController.api` takes a parameter called json
 
 FLEETCTL = str(Path(sys.executable).parent / "fleetctl")
+FLEET_AGENT = str(Path(sys.executable).parent / "fleet-agent")
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
 CLI_TIMEOUT_S = 60.0
@@ -67,6 +69,8 @@ BACKEND_PARAMS = [
 POSTGRES_ENV = "FLEET_TEST_POSTGRES_URL"
 # Variables that would point a fleetctl child at some other fleet, server or database.
 _SCRUBBED_ENV = ("FLEET_DIR", "FLEET_DB_URL", "FLEET_SERVER", "FLEET_TOKEN")
+# ... and a fleet-agent child at another state dir or enrollment token, or crash it.
+_SCRUBBED_AGENT_ENV = ("FLEET_AGENT_STATE_DIR", "FLEET_ENROLL_TOKEN", "FLEET_AGENT_KILL_AT")
 
 
 class _Admin(Enum):
@@ -102,6 +106,23 @@ def fleetctl(
         text=True,
         timeout=timeout,
         env=_env(env),
+        check=False,
+    )
+
+
+def fleet_agent(
+    *args: str | Path,
+    env: Mapping[str, str | None] | None = None,
+    timeout: float = CLI_TIMEOUT_S,
+) -> subprocess.CompletedProcess[str]:
+    """Run `fleet-agent ARGS` with a clean environment (plus `env`; a None value unsets)."""
+    scrubbed = {name: None for name in _SCRUBBED_AGENT_ENV}
+    return subprocess.run(
+        [FLEET_AGENT, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env({**scrubbed, **(env or {})}),
         check=False,
     )
 
@@ -294,6 +315,17 @@ class RunningController:
         assert registered == identity.device_id
         return Device(self, identity, state_dir)
 
+    def enroll(
+        self, state_dir: Path, *args: str | Path, token: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """`fleet-agent enroll -o json` of the device in `state_dir` (made if new) with this
+        controller and its first root.json, plus `args` (`--label k=v`, `--wait S`...)."""
+        command: list[str | Path] = ["enroll", "--server", self.url, "--root", self.root_json]
+        command += ["--state-dir", state_dir, "-o", "json", *args]
+        if token is not None:
+            command += ["--token", token]
+        return fleet_agent(*command)
+
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """Every sample on /metrics, keyed by (name, sorted labels)."""
         response = self.request("GET", "/metrics")
@@ -370,6 +402,7 @@ def spawn_serve(
     stdout = logs.with_suffix(".stdout")
     stderr = logs.with_suffix(".stderr")
     command = [FLEETCTL, "serve", "--dir", str(fleet_dir), "--listen", listen]
+    command += ["--mqtt-listen", "127.0.0.1:0"]
     if db_url:
         command += ["--db-url", db_url]
     with stdout.open("wb") as out, stderr.open("wb") as err:

@@ -1,23 +1,45 @@
 """`/api/v1/tokens` and `/api/v1/devices`: who may call the API, and which devices may fetch.
 
-Devices are registered here by key until enrollment (with proof of possession) replaces it.
+Rules:
+- Devices normally join by enrolling (`fleet.api.enroll`); registering a key here (admin only)
+  enrolls it directly, for tests and devices provisioned out of band.
+- Viewers may list and show devices; approving, rejecting, relabelling and removing need an
+  operator. Every change of a device's state drops its cached key (`Controller.forget_device`),
+  so a rejected or removed device is refused its next download.
+- Listing filters by `state` and by `label=k=v` (repeatable; all must match).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable
+from datetime import datetime
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from attestation.identity import device_id_for
 from attestation.keys import key_from_raw
-from fleet.api.context import controller
+from fleet.api.context import caller, controller
 from fleet.api.errors import ApiError, json_response, read_json
 from fleet.api.routes import API
 from fleet.db.models import ApiToken, Device
+from fleet.enrollment import (
+    STATES,
+    DeviceError,
+    approve,
+    get_device,
+    matches,
+    parse_label_selector,
+    reject,
+    relabel,
+    remove,
+    validate_labels,
+)
 from fleet.logs import log
 from fleet.tokens import ROLES, hash_token, new_token
 from fleet.tuf_store import utcnow
+
+T = TypeVar("T")
 
 
 def token_json(token: ApiToken) -> dict[str, Any]:
@@ -73,15 +95,40 @@ async def revoke_token(request: web.Request) -> web.StreamResponse:
     return json_response(token_json(row))
 
 
-def device_json(device: Device) -> dict[str, Any]:
-    return {
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def device_json(device: Device, *, detail: bool = False) -> dict[str, Any]:
+    """A device as the API shows it; `detail` adds its facts and last hello."""
+    data: dict[str, Any] = {
         "id": device.id,
         "public_key": device.public_key,
         "state": device.state,
         "labels": device.labels,
-        "created_at": device.created_at.isoformat() if device.created_at else None,
-        "last_seen_at": device.last_seen_at.isoformat() if device.last_seen_at else None,
+        "created_at": _iso(device.created_at),
+        "enrolled_at": _iso(device.enrolled_at),
+        "last_seen_at": _iso(device.last_seen_at),
+        "online": device.online,
+        "agent_version": device.agent_version,
+        "active_rune": device.active_rune,
+        "active_sha256": device.active_sha256,
+        "previous_rune": device.previous_rune,
+        "cert_serial": device.cert_serial,
+        "cert_not_after": _iso(device.cert_not_after),
+        "enrollment_token_id": device.enrollment_token_id,
     }
+    if detail:
+        data["facts"] = device.facts
+        data["last_hello"] = device.last_hello
+    return data
+
+
+async def _device_call(action: Awaitable[T]) -> T:
+    try:
+        return await action
+    except DeviceError as exc:
+        raise ApiError(exc.status, exc.message) from None
 
 
 @API.add(
@@ -99,13 +146,14 @@ async def register_device(request: web.Request) -> web.StreamResponse:
         key = key_from_raw(bytes.fromhex(str(public_key)))
     except ValueError:
         raise ApiError(400, "public_key must be 64 hex digits (a raw Ed25519 key)") from None
-    if not isinstance(labels, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
-    ):
-        raise ApiError(400, "labels must map strings to strings")
+    try:
+        labels = validate_labels(labels)
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
     device_id = device_id_for(key)
     device, created = await Device.get_or_create(
-        id=device_id, defaults={"public_key": str(public_key), "labels": labels}
+        id=device_id,
+        defaults={"public_key": str(public_key).lower(), "labels": labels, "enrolled_at": utcnow()},
     )
     controller(request).forget_device(device_id)
     if created:
@@ -113,6 +161,79 @@ async def register_device(request: web.Request) -> web.StreamResponse:
     return json_response(device_json(device), status=201 if created else 200)
 
 
-@API.add("GET", "/api/v1/devices", "viewer", "List devices")
+@API.add(
+    "GET",
+    "/api/v1/devices",
+    "viewer",
+    "List devices, optionally only one state and those with every label=k=v given",
+    parameters=("state", "label"),
+)
 async def list_devices(request: web.Request) -> web.StreamResponse:
-    return json_response({"devices": [device_json(d) for d in await Device.all().order_by("id")]})
+    state = request.query.get("state") or None
+    if state is not None and state not in STATES:
+        raise ApiError(400, f"state must be one of {', '.join(STATES)}")
+    try:
+        selector = parse_label_selector(request.query.getall("label", []))
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
+    query = Device.all() if state is None else Device.filter(state=state)
+    devices = [d for d in await query.order_by("id") if matches(d, state, selector)]
+    return json_response({"devices": [device_json(d) for d in devices]})
+
+
+@API.add("GET", "/api/v1/devices/{id}", "viewer", "Show one device, with the facts it reported")
+async def show_device(request: web.Request) -> web.StreamResponse:
+    device = await _device_call(get_device(request.match_info["id"]))
+    return json_response(device_json(device, detail=True))
+
+
+@API.add("POST", "/api/v1/devices/{id}/approve", "operator", "Approve a pending device")
+async def approve_device(request: web.Request) -> web.StreamResponse:
+    device, changed = await _device_call(approve(request.match_info["id"], utcnow()))
+    controller(request).forget_device(device.id)
+    if changed:
+        log("device.approved", device=device.id, by=caller(request).name)
+    return json_response(device_json(device, detail=True))
+
+
+@API.add(
+    "POST",
+    "/api/v1/devices/{id}/reject",
+    "operator",
+    "Reject a device: it may no longer enroll or fetch updates",
+)
+async def reject_device(request: web.Request) -> web.StreamResponse:
+    device, changed = await _device_call(reject(request.match_info["id"]))
+    controller(request).forget_device(device.id)
+    if changed:
+        log("device.rejected", device=device.id, by=caller(request).name)
+    return json_response(device_json(device, detail=True))
+
+
+@API.add(
+    "PATCH",
+    "/api/v1/devices/{id}/labels",
+    "operator",
+    'Change a device\'s labels: {"set": {k: v}, "remove": [k]}',
+    request_body="application/json",
+)
+async def label_device(request: web.Request) -> web.StreamResponse:
+    body = await read_json(request)
+    device = await _device_call(
+        relabel(request.match_info["id"], body.get("set", {}), body.get("remove", []))
+    )
+    log("device.labelled", device=device.id, by=caller(request).name)
+    return json_response(device_json(device, detail=True))
+
+
+@API.add(
+    "DELETE",
+    "/api/v1/devices/{id}",
+    "operator",
+    "Remove a device: it is forgotten and must enroll again",
+)
+async def remove_device(request: web.Request) -> web.StreamResponse:
+    device = await _device_call(remove(request.match_info["id"]))
+    controller(request).forget_device(device.id)
+    log("device.removed", device=device.id, by=caller(request).name)
+    return json_response({"id": device.id, "removed": True})

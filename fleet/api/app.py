@@ -22,6 +22,8 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from tortoise import connections
 
 import fleet.api.access
+import fleet.api.commands
+import fleet.api.enroll
 import fleet.api.keys
 import fleet.api.runes  # noqa: F401  (registers routes)
 from fleet.api import tuf

@@ -2,7 +2,8 @@
 
 Rules: every `/api/v1` route names the least role it needs (`viewer`, `operator`, `admin`), so no
 route can be added without deciding who may call it; the OpenAPI document lists exactly the routes
-that are served.
+that are served. A route a device calls names the role `device`: it takes no API token, and its
+handler authenticates the request by the device's signature (`ota.request_auth`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+DEVICE = "device"
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class RouteTable:
         canonical = info.canonical if info is not None else None
         for route in self.routes:
             if route.path == canonical and route.method == request.method:
-                return route.role
+                return None if route.role == DEVICE else route.role
         return None
 
     def install(self, app: web.Application) -> None:
@@ -71,7 +73,7 @@ def openapi_document(version: str) -> dict[str, Any]:
     for route in API.routes:
         operation: dict[str, Any] = {
             "summary": route.summary,
-            "security": [{"bearer": []}],
+            "security": [{"device": []}] if route.role == DEVICE else [{"bearer": []}],
             "x-fleet-role": route.role,
             "responses": {
                 "200": {"description": "OK"},
@@ -106,7 +108,16 @@ def openapi_document(version: str) -> dict[str, Any]:
             "(viewer < operator < admin).",
         },
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "device": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "Fleet-Signature",
+                    "description": "Signed by the device's identity key, with Fleet-Device and "
+                    "Fleet-Date (see docs/enrollment.md)",
+                },
+            },
             "responses": {
                 "Error": {
                     "description": "What went wrong, in one line",

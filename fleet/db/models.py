@@ -6,6 +6,14 @@ Rules:
   content-addressed blob. Revoking sets `revoked_at`; the row stays for the record.
 - TUF metadata files are stored by (role, version), every version kept, so a consistent-snapshot
   client can fetch the exact version the timestamp names.
+- A device's id is derived from its public key (`attestation.identity`); its `state` is `pending`
+  (enrolled without a token, waiting for an operator), `enrolled` (the default, also for devices
+  registered by key) or `rejected`. Only `enrolled` devices may fetch updates or get commands.
+- Enrollment tokens, like API tokens, are stored as SHA-256 hashes only; `used` never exceeds
+  `uses`. An enrollment request's signed message is remembered (by digest) in
+  `enrollment_signature` until it is past the clock-skew window, so it cannot be replayed.
+- Commands name their device by id (a plain string, not a foreign key), so removing a device keeps
+  its command history.
 """
 
 from __future__ import annotations
@@ -68,9 +76,85 @@ class Device(Model):
     labels = fields.JSONField[dict[str, str]](default=dict)
     created_at = fields.DatetimeField(auto_now_add=True)
     last_seen_at = fields.DatetimeField(null=True)
+    # Columns added after devices existed have a database default too (`db_default`), so the
+    # migration can add them to existing rows.
+    # What the agent reported about itself at enrollment (agent version, platform, boot id...).
+    facts = fields.JSONField[dict[str, object]](default=dict, db_default={})
+    agent_version = fields.CharField(max_length=32, null=True)
+    active_rune = fields.CharField(max_length=255, null=True)
+    active_sha256 = fields.CharField(max_length=64, null=True)
+    previous_rune = fields.CharField(max_length=255, null=True)
+    online = fields.BooleanField(default=False, db_default=False)
+    enrolled_at = fields.DatetimeField(null=True)
+    # The enrollment token that admitted it, if any (for the record; tokens are never deleted).
+    enrollment_token_id = fields.IntField(null=True)
+    # The last CSR the device sent (PEM), so approving a pending device can issue its certificate.
+    csr = fields.TextField(null=True)
+    # Its current certificate from the fleet CA (PEM), serial (hex) and expiry.
+    cert = fields.TextField(null=True)
+    cert_serial = fields.CharField(max_length=40, null=True)
+    cert_not_after = fields.DatetimeField(null=True)
+    # The command channel: last seq used controller -> device, last accepted from the device.
+    command_seq = fields.BigIntField(default=0, db_default=0)
+    status_seq = fields.BigIntField(default=0, db_default=0)
+    presence_seq = fields.BigIntField(default=0, db_default=0)
+    last_hello = fields.JSONField[dict[str, object]](null=True)
 
     class Meta:
         table = "device"
+
+
+class EnrollmentToken(Model):
+    """A pre-authorized enrollment: up to `uses` devices, until `expires_at`, with `labels`."""
+
+    id = fields.IntField(primary_key=True)
+    token_hash = fields.CharField(max_length=64, unique=True)
+    uses = fields.IntField()
+    used = fields.IntField(default=0)
+    labels = fields.JSONField[dict[str, str]](default=dict)
+    expires_at = fields.DatetimeField()
+    created_by = fields.CharField(max_length=64)
+    created_at = fields.DatetimeField(auto_now_add=True)
+    last_used_at = fields.DatetimeField(null=True)
+    revoked_at = fields.DatetimeField(null=True)
+
+    class Meta:
+        table = "enrollment_token"
+
+
+class EnrollmentSignature(Model):
+    """An enrollment request already seen: the SHA-256 of its signed message, until it expires."""
+
+    # Kept until `expires_at`, when its Fleet-Date is outside the clock-skew window anyway.
+
+    digest = fields.CharField(primary_key=True, max_length=64)
+    device_id = fields.CharField(max_length=40)
+    expires_at = fields.DatetimeField(db_index=True)
+
+    class Meta:
+        table = "enrollment_signature"
+
+
+class Command(Model):
+    """A command in the outbox: stored before it is published, re-sent until acknowledged."""
+
+    id = fields.CharField(primary_key=True, max_length=36)
+    device_id = fields.CharField(max_length=40, db_index=True)
+    type = fields.CharField(max_length=16)
+    body = fields.JSONField[dict[str, object]]()
+    state = fields.CharField(max_length=16, default="queued", db_index=True)
+    reason = fields.TextField(default="")
+    created_by = fields.CharField(max_length=64)
+    created_at = fields.DatetimeField(auto_now_add=True)
+    updated_at = fields.DatetimeField(auto_now=True)
+    sent_at = fields.DatetimeField(null=True)
+    attempts = fields.IntField(default=0)
+    last_seq = fields.BigIntField(default=0)
+    deadline = fields.DatetimeField()
+    finished_at = fields.DatetimeField(null=True)
+
+    class Meta:
+        table = "command"
 
 
 class KeyRotation(Model):

@@ -105,7 +105,7 @@ def test_openapi_lists_every_api_route_the_app_serves(controller: RunningControl
         assert path.startswith("/api/v1/")
         for operation in operations.values():
             assert operation["summary"]
-            assert operation["x-fleet-role"] in ("viewer", "operator", "admin")
+            assert operation["x-fleet-role"] in ("viewer", "operator", "admin", "device")
             assert "200" in operation["responses"]
             for name in (p[1:-1] for p in path.split("/") if p.startswith("{")):
                 assert {"name": name, "in": "path"}.items() <= next(

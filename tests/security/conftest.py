@@ -215,7 +215,7 @@ class Agent:
         return None if active is None else f"{active['name']}@{active['version']}"
 
     def run(self, count: int = 1) -> AgentResult:
-        return self.cli("run", "--count", str(count))
+        return self.cli("infer", "--count", str(count))
 
     def snapshot(self) -> DeviceSnapshot:
         slots = self.state_dir / "slots"
