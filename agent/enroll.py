@@ -26,7 +26,6 @@ import base64
 import contextlib
 import hashlib
 import json
-import os
 import platform
 import secrets
 import socket
@@ -45,6 +44,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
+from agent.durable import write_atomically
 from attestation.identity import IDENTITY_FILE, DeviceIdentity
 from attestation.keys import KeyFileError, raw_public_bytes
 from ota.request_auth import (
@@ -342,18 +342,7 @@ def _check_cert(cert: x509.Certificate, ca: x509.Certificate, identity: DeviceId
 
 def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    temporary = path.with_name(f"{path.name}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    temporary.replace(path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomically(path, data, mode)
 
 
 def _identity(state_dir: Path) -> DeviceIdentity:

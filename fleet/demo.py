@@ -116,8 +116,10 @@ def run(ctx_console: Console, devices: int, keep: bool, as_json: bool) -> int:
     console = Console(stderr=True) if as_json else ctx_console
     workdir = Path(tempfile.mkdtemp(prefix="fleet-demo-"))
     processes = Processes(workdir)
+    finished = False
     try:
         summary = _demo(console, workdir, processes, devices, keep)
+        finished = True
     except DemoError as exc:
         console.print(f"[red]demo failed:[/red] {exc}", highlight=False)
         console.print(f"logs: {workdir}" if keep else "(run with --keep to keep the logs)")
@@ -126,8 +128,9 @@ def run(ctx_console: Console, devices: int, keep: bool, as_json: bool) -> int:
         console.print("interrupted; stopping the demo")
         return 130
     finally:
-        if not keep:
+        if not (keep and finished):
             processes.stop_all()
+        if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
     ok = all(d["verified"] and d["installed"] and d["running"] for d in summary["devices"])
     if as_json:

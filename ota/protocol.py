@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -210,7 +210,6 @@ def open_message(
     last_seq: Callable[[str], int],
     now: float,
     topic_sender: str | None = None,
-    accept: Collection[MessageType] | None = None,
 ) -> Message:
     """The message in `data`, if every rule in the module docstring holds; `Refusal` if not.
 
@@ -237,8 +236,7 @@ def open_message(
         raise Refusal("spoofed", f"{message.iss} signed a message on {topic_sender}'s topic")
     if message.aud != audience:
         raise Refusal("wrong-audience", f"addressed to {message.aud[:64]!r}, not {audience}")
-    allowed = TYPES_ON_CHANNEL[channel] if accept is None else accept
-    if message.type not in allowed or message.type not in TYPES_ON_CHANNEL[channel]:
+    if message.type not in TYPES_ON_CHANNEL[channel]:
         raise Refusal("wrong-type", f"a {message.type.value} message is not taken on {channel}")
     if message.iat > now + MAX_CLOCK_SKEW_S:
         raise Refusal("not-yet-valid", f"issued {message.iat - now:.0f} s in the future")
