@@ -5,8 +5,8 @@ Rules:
   enrollment request carries its public key, a CSR made with it (subject exactly `CN=<device
   id>`), the device's facts and optional token and labels, and is signed with it (proof of
   possession): `Fleet-Device`, `Fleet-Date` and `Fleet-Signature` over the request line and the
-  SHA-256 of the body (`signed_message`). A random nonce in the body makes every request unique,
-  so the controller can refuse a replayed one.
+  SHA-256 of the body (`ota.request_auth.body_message`). A random nonce in the body makes every
+  request unique, so the controller can refuse a replayed one.
 - The fleet's `root.json` is made the device's TUF trust anchor (`agent.update.provision_root`,
   once) before anything is sent.
 - What the controller answers is kept in `enrollment.json` (device id, server, broker URL, state,
@@ -22,9 +22,7 @@ Rules:
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import json
 import platform
 import secrets
@@ -47,13 +45,7 @@ from cryptography.x509.oid import NameOID
 from agent.durable import write_atomically
 from attestation.identity import IDENTITY_FILE, DeviceIdentity
 from attestation.keys import KeyFileError, raw_public_bytes
-from ota.request_auth import (
-    DATE_HEADER,
-    DEVICE_HEADER,
-    SIGNATURE_HEADER,
-    request_message,
-    sign_request,
-)
+from ota.request_auth import sign_body_request, sign_request
 
 ENROLLMENT_FILE = "enrollment.json"
 MQTT_DIR = "mqtt"
@@ -185,28 +177,6 @@ def make_csr(key: Ed25519PrivateKey, device_id: str) -> bytes:
         .sign(key, None)
     )
     return csr.public_bytes(serialization.Encoding.PEM)
-
-
-def signed_message(method: str, path: str, date: int, device_id: str, body: bytes) -> bytes:
-    """What a device signs for a request with a body: the request line and the body's SHA-256.
-
-    The same bytes as `fleet.enrollment.enrollment_message` (the two must not import each other).
-    """
-    digest = hashlib.sha256(body).hexdigest()
-    return request_message(method, path, date, device_id) + b"\n" + digest.encode()
-
-
-def sign_body(
-    identity: DeviceIdentity, method: str, path: str, body: bytes, now: float
-) -> dict[str, str]:
-    """The `Fleet-*` headers for a request with `body`, signed by the device's key."""
-    date = int(now)
-    signature = identity.signer.sign(signed_message(method, path, date, identity.device_id, body))
-    return {
-        DEVICE_HEADER: identity.device_id,
-        DATE_HEADER: str(date),
-        SIGNATURE_HEADER: base64.b64encode(bytes.fromhex(signature.signature)).decode(),
-    }
 
 
 def enrollment_body(
@@ -378,7 +348,7 @@ def enroll(
         identity, make_csr(key, identity.device_id), device_facts(), token, labels
     )
     now = clock()
-    headers = sign_body(identity, "POST", ENROLL_PATH, body, now)
+    headers = sign_body_request(identity.signer, identity.device_id, "POST", ENROLL_PATH, body, now)
     answer = _call(server, "POST", ENROLL_PATH, headers, body)
     return _store(state_dir, server, identity, answer, now)
 
@@ -402,7 +372,7 @@ def renew(state_dir: Path, *, clock: Callable[[], float] = time.time) -> Enrollm
         {"csr": make_csr(key, identity.device_id).decode(), "nonce": secrets.token_hex(16)}
     ).encode()
     now = clock()
-    headers = sign_body(identity, "POST", RENEW_PATH, body, now)
+    headers = sign_body_request(identity.signer, identity.device_id, "POST", RENEW_PATH, body, now)
     answer = _call(saved.server, "POST", RENEW_PATH, headers, body)
     return _store(state_dir, saved.server, identity, answer, now)
 

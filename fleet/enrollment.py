@@ -4,8 +4,8 @@ The HTTP layer (`fleet.api.enroll`) only moves bytes in and out; every decision 
 
 Rules:
 - An enrollment request (`POST /api/v1/enroll`) proves possession of the key it carries: it is
-  signed (`Fleet-Device`, `Fleet-Date`, `Fleet-Signature`) over `enrollment_message`, which is
-  `ota.request_auth.request_message` plus the SHA-256 of the body, so no byte of the body (key,
+  signed (`Fleet-Device`, `Fleet-Date`, `Fleet-Signature`) over `ota.request_auth.body_message`,
+  the request line plus the SHA-256 of the body, so no byte of the body (key,
   CSR, token, labels, facts) can be changed. The device id is derived from the carried key, never
   taken from the client: a `Fleet-Device` that is not that id is refused (`id-mismatch`), as is a
   signature by any other key (`bad-signature`) and a `Fleet-Date` more than
@@ -60,7 +60,7 @@ from ota.request_auth import (
     MAX_CLOCK_SKEW_S,
     SIGNATURE_HEADER,
     RequestAuthError,
-    request_message,
+    body_message,
     verify_request,
 )
 
@@ -165,12 +165,6 @@ def _validate_facts(facts: object) -> dict[str, object]:
 # Signed requests with a body.
 
 
-def enrollment_message(method: str, path: str, date: int, device_id: str, body: bytes) -> bytes:
-    """What a device signs for a request with a body: the request line and the body's SHA-256."""
-    digest = hashlib.sha256(body).hexdigest()
-    return request_message(method, path, date, device_id) + b"\n" + digest.encode()
-
-
 @dataclass(frozen=True)
 class SignedHeaders:
     device_id: str
@@ -267,7 +261,7 @@ def parse_enroll_request(
             f"Fleet-Device {signed.device_id} is not the id of the key in the request "
             f"({device_id})",
         )
-    message = enrollment_message(method, path, signed.date, device_id, body)
+    message = body_message(method, path, signed.date, device_id, body)
     _verify(key, message, signed.signature, device_id)
     try:
         facts = _validate_facts(data.get("facts", {}))
@@ -307,7 +301,7 @@ async def parse_renew_request(
         raise EnrollmentRefused(
             401, "unknown-device", "not a device of this fleet; enroll with fleet-agent enroll"
         )
-    message = enrollment_message(method, path, signed.date, device.id, body)
+    message = body_message(method, path, signed.date, device.id, body)
     _verify(key_from_raw(bytes.fromhex(device.public_key)), message, signed.signature, device.id)
     if device.state != "enrolled":
         raise _not_enrolled(device)

@@ -7,6 +7,9 @@ Rules:
 - The controller accepts a request only when the device is known, the signature verifies with that
   device's key and the time is within `MAX_CLOCK_SKEW_S` of its own. The reason for a refusal is
   returned so it can be logged and counted; the client only learns "401".
+- A request with a body (enrollment, renewal) signs the same lines plus the body's SHA-256
+  (`body_message`), so no byte of the body can be changed; device and controller both use this
+  one definition.
 - Only the request line is signed, not `Range`: the response bytes are TUF-verified anyway, so a
   replay within the skew window gains an eavesdropper nothing it could not fetch by replaying.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 from collections.abc import Callable, Mapping
 
 from securesystemslib.exceptions import UnverifiedSignatureError, VerificationError
@@ -38,11 +42,29 @@ def request_message(method: str, path: str, date: int, device_id: str) -> bytes:
     return f"fleet-request/1\n{method.upper()}\n{path}\n{date}\n{device_id}".encode()
 
 
+def body_message(method: str, path: str, date: int, device_id: str, body: bytes) -> bytes:
+    """What a device signs for a request with a body: the request line and the body's SHA-256."""
+    digest = hashlib.sha256(body).hexdigest()
+    return request_message(method, path, date, device_id) + b"\n" + digest.encode()
+
+
 def sign_request(
     signer: CryptoSigner, device_id: str, method: str, path: str, now: float
 ) -> dict[str, str]:
     date = int(now)
-    signature = signer.sign(request_message(method, path, date, device_id))
+    return _headers(signer.sign(request_message(method, path, date, device_id)), device_id, date)
+
+
+def sign_body_request(
+    signer: CryptoSigner, device_id: str, method: str, path: str, body: bytes, now: float
+) -> dict[str, str]:
+    """The `Fleet-*` headers for a request with `body` (see `body_message`)."""
+    date = int(now)
+    message = body_message(method, path, date, device_id, body)
+    return _headers(signer.sign(message), device_id, date)
+
+
+def _headers(signature: Signature, device_id: str, date: int) -> dict[str, str]:
     encoded = base64.b64encode(bytes.fromhex(signature.signature)).decode()
     return {DEVICE_HEADER: device_id, DATE_HEADER: str(date), SIGNATURE_HEADER: encoded}
 

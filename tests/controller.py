@@ -32,7 +32,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -191,6 +191,7 @@ class RunningController:
     offline_keys: list[Path]
     db_url: str | None
     process: subprocess.Popen[bytes]
+    serve_args: tuple[str, ...] = ()
     _http: urllib3.PoolManager = field(
         default_factory=lambda: urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=5.0, read=60.0), retries=False, maxsize=8
@@ -382,7 +383,7 @@ class RunningController:
         self._starts += 1
         self._killed = False
         self.process, self.url = spawn_serve(
-            self.fleet_dir, self.db_url, f"127.0.0.1:{self.port}", self._logs
+            self.fleet_dir, self.db_url, f"127.0.0.1:{self.port}", self._logs, self.serve_args
         )
 
     def restart(self) -> None:
@@ -392,17 +393,26 @@ class RunningController:
 
 
 def spawn_serve(
-    fleet_dir: Path, db_url: str | None, listen: str, logs: Path
+    fleet_dir: Path,
+    db_url: str | None,
+    listen: str,
+    logs: Path,
+    serve_args: Sequence[str] = (),
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start `fleetctl serve`; the process and its URL once it says it is listening.
 
-    Its stdout and stderr go to `{logs}.stdout` and `{logs}.stderr` (`logs` has no suffix). The
-    caller owns the process: send it SIGTERM and wait when done.
+    The broker is an embedded one on a free port unless `serve_args` name one (`--mqtt-url ...`,
+    `--mqtt-listen ...`). Its stdout and stderr go to `{logs}.stdout` and `{logs}.stderr` (`logs`
+    has no suffix). The caller owns the process: send it SIGTERM and wait when done.
     """
     stdout = logs.with_suffix(".stdout")
     stderr = logs.with_suffix(".stderr")
     command = [FLEETCTL, "serve", "--dir", str(fleet_dir), "--listen", listen]
-    command += ["--mqtt-listen", "127.0.0.1:0"]
+    if not any(
+        arg.startswith("--mqtt-url") or arg.startswith("--mqtt-listen") for arg in serve_args
+    ):
+        command += ["--mqtt-listen", "127.0.0.1:0"]
+    command += serve_args
     if db_url:
         command += ["--db-url", db_url]
     with stdout.open("wb") as out, stderr.open("wb") as err:
@@ -434,10 +444,15 @@ def start_controller(
     db_url: str | None = None,
     *,
     config: Mapping[str, Any] | None = None,
+    serve_args: Sequence[str] = (),
+    before_serve: Callable[[Path], Sequence[str]] | None = None,
 ) -> RunningController:
     """`fleetctl init` a fleet in `tmp_path / "fleet"` and serve it on a free local port.
 
-    `config` is merged into fleet.yaml before the first start (e.g. short `lifetimes_hours`).
+    `config` is merged into fleet.yaml before the first start (e.g. short `lifetimes_hours`);
+    `serve_args` are added to every `fleetctl serve` of it (see `spawn_serve`), and so are those
+    `before_serve(fleet_dir)` returns: it runs between init and the first start (to issue
+    certificates from the new fleet CA and start a broker with them, say).
     """
     fleet_dir = tmp_path / "fleet"
     made = init_fleet(fleet_dir, db_url)
@@ -445,7 +460,9 @@ def start_controller(
         settings = yaml.safe_load((fleet_dir / "fleet.yaml").read_text())
         settings.update(config)
         (fleet_dir / "fleet.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
-    process, url = spawn_serve(fleet_dir, db_url, "127.0.0.1:0", tmp_path / "serve-1")
+    if before_serve is not None:
+        serve_args = (*serve_args, *before_serve(fleet_dir))
+    process, url = spawn_serve(fleet_dir, db_url, "127.0.0.1:0", tmp_path / "serve-1", serve_args)
     return RunningController(
         url=url,
         token=made["admin_token"],
@@ -454,12 +471,18 @@ def start_controller(
         offline_keys=[Path(p) for p in made["offline_root_keys"]],
         db_url=db_url,
         process=process,
+        serve_args=tuple(serve_args),
     )
 
 
 @contextlib.contextmanager
 def controller_for(
-    backend: str, tmp_path: Path, *, config: Mapping[str, Any] | None = None
+    backend: str,
+    tmp_path: Path,
+    *,
+    config: Mapping[str, Any] | None = None,
+    serve_args: Sequence[str] = (),
+    before_serve: Callable[[Path], Sequence[str]] | None = None,
 ) -> Iterator[RunningController]:
     """A running controller on `backend` ("sqlite" or "postgres", in a fresh database).
 
@@ -472,7 +495,9 @@ def controller_for(
             db_url = stack.enter_context(fresh_postgres_database(postgres_server_url()))
         elif backend != "sqlite":
             raise ValueError(f"unknown backend {backend!r}")
-        running = start_controller(tmp_path, db_url, config=config)
+        running = start_controller(
+            tmp_path, db_url, config=config, serve_args=serve_args, before_serve=before_serve
+        )
         try:
             yield running
         finally:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 
 import pytest
-from securesystemslib.signer import CryptoSigner, SSlibKey
+from securesystemslib.signer import CryptoSigner, Signature, SSlibKey
 
 from attestation.identity import device_id_for
 from ota.request_auth import (
@@ -14,7 +15,9 @@ from ota.request_auth import (
     MAX_CLOCK_SKEW_S,
     SIGNATURE_HEADER,
     RequestAuthError,
+    body_message,
     request_message,
+    sign_body_request,
     sign_request,
     verify_request,
 )
@@ -85,6 +88,20 @@ def test_the_date_is_whole_seconds(device: Device, registry: dict[str, SSlibKey]
 
 def test_the_signed_message_has_one_field_a_line() -> None:
     assert request_message("get", "/a?b=c", 12, "dabc") == b"fleet-request/1\nGET\n/a?b=c\n12\ndabc"
+
+
+def test_a_body_request_signs_the_request_line_and_the_body_digest(device: Device) -> None:
+    body = b'{"csr": "x"}'
+    message = body_message("post", "/api/v1/enroll", 12, "dabc", body)
+    assert message == request_message("POST", "/api/v1/enroll", 12, "dabc") + (
+        b"\n" + hashlib.sha256(body).hexdigest().encode()
+    )
+    assert body_message("POST", "/api/v1/enroll", 12, "dabc", body + b" ") != message
+    headers = sign_body_request(device.signer, device.id, "POST", "/api/v1/enroll", body, NOW)
+    signature = Signature(device.key.keyid, base64.b64decode(headers[SIGNATURE_HEADER]).hex())
+    signed = body_message("POST", "/api/v1/enroll", int(NOW), device.id, body)
+    device.key.verify_signature(signature, signed)
+    assert headers[DEVICE_HEADER] == device.id and headers[DATE_HEADER] == str(int(NOW))
 
 
 @pytest.mark.parametrize("header", [DEVICE_HEADER, DATE_HEADER, SIGNATURE_HEADER])

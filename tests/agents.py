@@ -1,0 +1,123 @@
+"""Real `fleet-agent run` processes for tests, and the controller calls that follow them.
+
+- `AgentProcess(state_dir, device_id)`: `start()` runs the daemon on an enrolled state dir (its
+  output goes to `agent.log` there), `stop()` sends SIGTERM (SIGKILL after 15 s), `kill()` is the
+  crash. `channel()` is its persisted channel state, `slots_state()` what its slots hold.
+- `enroll_agents(ctl, tmp, count)` enrolls `count` devices with one token, each with an
+  `agent.yaml` that runs the active rune on random input, and returns them stopped.
+- `broker_url(ctl)` is the device broker address the controller printed at start.
+- `deploy(ctl, device_id, ref)` is `fleetctl devices deploy --wait -o json`; `get`/`post` are the
+  REST API, asserting success.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.controller import FLEET_AGENT, RunningController, wait_for
+
+TERMINAL = {"succeeded", "failed", "refused", "rolled-back", "done", "timed-out"}
+
+
+@dataclass
+class AgentProcess:
+    state_dir: Path
+    device_id: str
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with (self.state_dir / "agent.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [FLEET_AGENT, "run", "--state-dir", str(self.state_dir)],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+            )
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def log(self) -> str:
+        return (self.state_dir / "agent.log").read_text(errors="replace")
+
+    def channel(self) -> dict[str, Any]:
+        return dict(json.loads((self.state_dir / "channel.json").read_text()))
+
+    def slots_state(self) -> str:
+        """Which runes the slots hold and run (not the probation counters, which move)."""
+        path = self.state_dir / "slots" / "state.json"
+        if not path.exists():
+            return ""
+        state = json.loads(path.read_text())
+        slots = sorted((self.state_dir / "slots").glob("?/meta.json"))
+        held = [(m.parent.name, m.read_text()) for m in slots]
+        return json.dumps([state.get("active"), state.get("previous"), held])
+
+
+def enroll_agents(ctl: RunningController, tmp: Path, count: int) -> list[AgentProcess]:
+    """`count` devices enrolled with one token (state dirs `tmp/device-N`), not started."""
+    token = post(ctl, "/api/v1/enrollment-tokens", {"uses": count, "ttl_s": 600})["token"]
+    agents = []
+    for index in range(count):
+        state_dir = tmp / f"device-{index}"
+        state_dir.mkdir()
+        (state_dir / "agent.yaml").write_text(
+            yaml.safe_dump({"run": {"input": {"kind": "random", "seed": 1}, "interval_s": 0.2}})
+        )
+        enrolled = ctl.enroll(state_dir, token=token)
+        assert enrolled.returncode == 0, enrolled.stderr
+        agents.append(AgentProcess(state_dir, json.loads(enrolled.stdout)["device_id"]))
+    return agents
+
+
+def wait_online(ctl: RunningController, agents: list[AgentProcess], timeout: float = 60) -> None:
+    wait_for(
+        lambda: all(get(ctl, f"/api/v1/devices/{a.device_id}")["online"] for a in agents),
+        timeout=timeout,
+        message="agents online",
+    )
+
+
+def deploy(ctl: RunningController, device_id: str, ref: str) -> dict[str, Any]:
+    done = ctl.cli(
+        "devices", "deploy", device_id, ref, "--wait", "-o", "json", check=False, timeout=120
+    )
+    assert done.stdout, done.stderr
+    return dict(json.loads(done.stdout))
+
+
+def broker_url(ctl: RunningController) -> str:
+    for stdout in sorted(ctl.fleet_dir.parent.glob("serve-*.stdout")):
+        for line in stdout.read_text().splitlines():
+            if line.startswith("broker "):
+                return line.removeprefix("broker ").strip()
+    raise AssertionError("the controller printed no broker URL")
+
+
+def get(ctl: RunningController, path: str) -> Any:
+    status, body = ctl.api("GET", path)
+    assert status == 200, body
+    return body
+
+
+def post(ctl: RunningController, path: str, json_body: Any) -> Any:
+    status, body = ctl.api("POST", path, json_body)
+    assert status in (200, 201), body
+    return body
