@@ -9,8 +9,9 @@ Rules:
   after a restart is still refused.
 - A command id is executed at most once: its result is kept (the last `RESULTS_KEPT`), and a
   command that arrives again is answered with that result instead of being run again. A command
-  that was in flight when the agent stopped is reported in `hello` and runs again only if the
-  controller re-sends it; every handler is idempotent (a deploy of the active rune does nothing).
+  that was in flight when the agent stopped is dropped from `in_flight` by the next process
+  (`abandon`), so `hello` does not claim it is running: the controller sends it again and it
+  runs again; every handler is idempotent (a deploy of the active rune does nothing).
 - A file that is not this format is an error naming the file; it is never silently reset, since
   that would reopen the replay window.
 """
@@ -113,6 +114,13 @@ class ChannelState:
             if self._in_flight is not None and self._in_flight.id == command_id:
                 self._in_flight = None
             self._save()
+
+    def abandon(self, command_id: str) -> None:
+        """Forget that `command_id` is in flight (it is not running: a restart interrupted it)."""
+        with self._lock:
+            if self._in_flight is not None and self._in_flight.id == command_id:
+                self._in_flight = None
+                self._save()
 
     def recent_results(self) -> list[CommandRecord]:
         return list(self._results)

@@ -5,20 +5,40 @@ Rules:
   accepts it: signed by the command key the device learned through TUF, addressed to this device,
   fresh, and with a `seq` above the last accepted one (persisted first, `agent.channel_state`).
   An envelope signed by a key the device does not know makes it refresh TUF once (the command key
-  may have rotated) before refusing.
+  may have rotated) before refusing; at most `UNKNOWN_KEY_REFRESHES_PER_MINUTE` times a minute, so
+  garbage on the topic cannot make the device hammer the controller.
+- A command signed by the key the device knows is accepted only once TUF confirms that key is
+  still the published one: the device refreshes TUF first (a signed request for
+  `timestamp.json` when nothing changed), so a rotated-out command key is refused at once
+  (`unknown-key`), even by a device that has not heard from the controller since the rotation.
+  If the refresh fails (the repository is unreachable), the known key is used only when TUF
+  confirmed it less than `KEY_GRACE_S` ago; otherwise the command is refused (`stale-key`).
 - A refused message is counted, logged and reported to the controller as a `security-event`
   (at most `SECURITY_REPORTS_PER_MINUTE`, the rest counted in the next report); it changes
   nothing else. No message, however malformed, stops the daemon.
-- A command id runs at most once; a re-sent command gets its recorded result again. Deploy,
-  rollback and config run one at a time, in arrival order; `ping` is answered at once.
+- A command id runs at most once; a re-sent command gets its recorded result again (which is how
+  a result the controller missed reaches it). Deploy, rollback and config run one at a time, in
+  arrival order; `ping` is answered at once.
+- A command that was in flight when the agent stopped (a crash, a power loss) is not reported as
+  in flight by the next process, which is not running it: the controller, not seeing it in
+  `hello`, sends it again, and it runs again (every handler is idempotent; a deploy of the rune
+  that is already active does nothing).
+- A deploy that cannot reach the controller's repository (`UpdateUnavailable`: the controller is
+  restarting, the network is down) is retried with backoff for up to `DEPLOY_RETRY_S` before it
+  is reported `failed`; a refusal or an unauthorized request is not retried.
 - Every state of a command and every change of the active rune is reported on `status`; on each
   connection the agent first says `hello` with its whole state (active and previous rune, the
-  command in flight, recent results, last command seq), so the controller can reconcile.
+  command in flight, recent results, last command seq), so the controller can reconcile, and it
+  says `hello` again every `HELLO_INTERVAL_S` (jittered) while connected: the controller's
+  session is not persistent, so a status sent while the controller was away from the broker is
+  lost, and this bounds how long the controller can stay wrong about a device.
 - Presence is retained on `presence`: `online` when connected, and a pre-signed `offline` last
   will the broker publishes if the session dies (its own sequence, see `ota.protocol`).
 - The session reconnects forever with full-jitter exponential backoff (1 s doubling to 60 s).
 - Messages are signed when they are published, never when queued, so their `seq` follows the
-  order the controller sees them in.
+  order the controller sees them in; and what they say about the device (a `hello`, the runes in
+  a `status`) is read then too, so a status queued while the broker was away cannot undo, on the
+  controller, the newer state the `hello` of the next connection reported.
 """
 
 from __future__ import annotations
@@ -45,7 +65,7 @@ from agent.policy import AgentPolicy
 from agent.runconfig import RunConfig, RunConfigError, apply_config
 from agent.runloop import RuneLoop, StepKind, StepResult
 from agent.slots import NoRollbackTarget, SlotError, SlotRune, Slots
-from agent.update import agent_version, tuf_client, update
+from agent.update import UpdateReport, agent_version, tuf_client, update
 from attestation.identity import DeviceIdentity
 from ota.protocol import (
     CONTROLLER,
@@ -61,7 +81,7 @@ from ota.protocol import (
     topic,
 )
 from ota.targets import TargetNameError, check_part
-from ota.updater import UpdateError, UpdateRefused
+from ota.updater import UpdateError, UpdateRefused, UpdateUnauthorized, UpdateUnavailable
 
 log = logging.getLogger("fleet.agent")
 
@@ -69,9 +89,14 @@ BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 60.0
 KEEPALIVE_S = 30
 SECURITY_REPORTS_PER_MINUTE = 10
-KEY_REFRESH_MIN_INTERVAL_S = 30.0
+UNKNOWN_KEY_REFRESHES_PER_MINUTE = 6
+KEY_GRACE_S = 3600.0
 OUTGOING_LIMIT = 1000
 RENEWAL_CHECK_S = 60.0
+HELLO_INTERVAL_S = 300.0
+DEPLOY_RETRY_S = 300.0
+DEPLOY_RETRY_BASE_S = 1.0
+DEPLOY_RETRY_CAP_S = 15.0
 
 
 class DaemonError(Exception):
@@ -123,12 +148,23 @@ class Daemon:
         self.slots = Slots(config.state_dir, policy=self.policy.probation)
         self.slots.recover(clock())
         self.channel = ChannelState(config.state_dir)
+        interrupted = self.channel.in_flight
+        if interrupted is not None:
+            log.warning(
+                "command %s (%s) was interrupted in state %s by a restart; it runs again when "
+                "the controller sends it again",
+                interrupted.id,
+                interrupted.type,
+                interrupted.state,
+            )
+            self.channel.abandon(interrupted.id)
         self.loop = RuneLoop(
             config.state_dir, self.slots, self.policy, RunConfig.load(config.state_dir)
         )
         self._running_sha: str | None = None
         self.command_key: Key | None = None
-        self._key_refreshed_at = 0.0
+        self._unknown_key_refreshes: deque[float] = deque()
+        self._key_confirmed_at: float | None = None
         self._outgoing: asyncio.Queue[Outgoing] = asyncio.Queue(OUTGOING_LIMIT)
         self._work: asyncio.Queue[Message] = asyncio.Queue()
         self._busy: str | None = None
@@ -193,7 +229,7 @@ class Daemon:
         ) as client:
             await client.subscribe(topic(self.device_id, Channel.CMD), qos=1)
             await client.publish(presence, online, qos=1, retain=True)
-            await self._publish(client, Outgoing(Channel.STATUS, MessageType.HELLO, self._hello()))
+            await self._publish(client, Outgoing(Channel.STATUS, MessageType.HELLO, {}))
             self.connected.set()
             log.info("connected to %s as %s", url.hostname, self.device_id)
             self._on_event("connected", {})
@@ -201,10 +237,10 @@ class Daemon:
             receiver = asyncio.create_task(self._receive_loop(client))
             stopper = asyncio.create_task(stop.wait())
             renewed = asyncio.create_task(self._renewed.wait())
+            greeter = asyncio.create_task(self._hello_loop())
+            tasks = (sender, receiver, stopper, renewed, greeter)
             try:
-                done, _ = await asyncio.wait(
-                    {sender, receiver, stopper, renewed}, return_when=asyncio.FIRST_COMPLETED
-                )
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 if renewed in done:
                     self._renewed.clear()
                     log.info("the device certificate was renewed; reconnecting with it")
@@ -212,9 +248,9 @@ class Daemon:
                     if task is not stopper and task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]
             finally:
-                for task in (sender, receiver, stopper, renewed):
+                for task in tasks:
                     task.cancel()
-                for task in (sender, receiver, stopper, renewed):
+                for task in tasks:
                     with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                         await task
             if stop.is_set():
@@ -232,13 +268,24 @@ class Daemon:
             context.load_cert_chain(str(config.client_cert), str(key))
         return context
 
+    async def _hello_loop(self) -> None:
+        """Say `hello` again now and then, so a controller that missed a status catches up."""
+        while True:
+            await asyncio.sleep(self._rng.uniform(0.5, 1.5) * HELLO_INTERVAL_S)
+            self.send(MessageType.HELLO, {})  # the body is made when it is sent
+
     async def _send_loop(self, client: aiomqtt.Client) -> None:
         while True:
             item = await self._outgoing.get()
             await self._publish(client, item)
 
     async def _publish(self, client: aiomqtt.Client, item: Outgoing) -> None:
-        data = self._sealed(item.channel, item.type, item.body)
+        body = item.body
+        if item.type is MessageType.HELLO:
+            body = self._hello()
+        elif item.type is MessageType.STATUS:
+            body = {**body, **self._runes()}
+        data = self._sealed(item.channel, item.type, body)
         await client.publish(topic(self.device_id, item.channel), data, qos=1)
 
     def _sealed(
@@ -308,12 +355,16 @@ class Daemon:
             )
 
         try:
-            return attempt()
+            message = attempt()
         except Refusal as refusal:
             if refusal.kind != "unknown-key":
                 raise
-            if self.clock() - self._key_refreshed_at < KEY_REFRESH_MIN_INTERVAL_S:
+            now = self.clock()
+            while self._unknown_key_refreshes and now - self._unknown_key_refreshes[0] > 60.0:
+                self._unknown_key_refreshes.popleft()
+            if len(self._unknown_key_refreshes) >= UNKNOWN_KEY_REFRESHES_PER_MINUTE:
                 raise
+            self._unknown_key_refreshes.append(now)
             previous = self.command_key
             try:
                 await asyncio.to_thread(self._learn_command_key)
@@ -324,6 +375,23 @@ class Daemon:
                 raise
             log.info("the command key changed through TUF; checking the command again")
             return attempt()
+        signed_by = self.command_key
+        await self._confirm_command_key()
+        return message if self.command_key == signed_by else attempt()
+
+    async def _confirm_command_key(self) -> None:
+        """Make sure the key that signed a command is still the one TUF publishes (see Rules)."""
+        confirmed = self._key_confirmed_at
+        try:
+            await asyncio.to_thread(self._learn_command_key)
+        except UpdateError as exc:
+            if confirmed is None or self.clock() - confirmed >= KEY_GRACE_S:
+                raise Refusal(
+                    "stale-key",
+                    f"cannot confirm the command key through TUF ({exc}), and it was last "
+                    f"confirmed more than {KEY_GRACE_S:.0f} s ago",
+                ) from None
+            log.warning("could not confirm the command key (%s); using the known one", exc)
 
     def _refuse(self, refusal: Refusal, topic_name: str) -> None:
         self.channel.count_refusal(refusal.kind)
@@ -353,6 +421,7 @@ class Daemon:
             cid = command_id(message)
             self._queued.discard(cid)
             self._busy = cid
+            log.info("running command %s (%s)", cid, message.type.value)
             try:
                 state, reason = await self._execute(message)
             except Exception as exc:  # a handler bug must not stop the daemon
@@ -361,6 +430,7 @@ class Daemon:
             finally:
                 self._busy = None
             self.channel.finish(cid, message.type.value, state, reason, self.clock())
+            log.info("command %s ended %s: %s", cid, state, reason)
             self._status(cid, state, reason)
 
     async def _execute(self, message: Message) -> tuple[CommandState, str]:
@@ -387,18 +457,7 @@ class Daemon:
             loop.call_soon_threadsafe(self._progress, cid, phase)
 
         try:
-            report = await asyncio.to_thread(
-                update,
-                self.state_dir,
-                self.config.server_url,
-                org,
-                name,
-                version,
-                policy=self.policy,
-                clock=self.clock,
-                slots=self.slots,
-                on_phase=on_phase,
-            )
+            report = await self._update_retrying(cid, org, name, version, on_phase)
         except UpdateRefused as exc:
             return CommandState.REFUSED, f"{exc.kind}: {exc}"
         except (UpdateError, SlotError) as exc:
@@ -409,6 +468,37 @@ class Daemon:
         if report.status == "already-active":
             return CommandState.SUCCEEDED, "already active"
         return CommandState.SUCCEEDED, f"installed in slot {report.slot}"
+
+    async def _update_retrying(
+        self, cid: str, org: str, name: str, version: str, on_phase: Callable[[str], None]
+    ) -> UpdateReport:
+        """`update`, tried again while the repository is unreachable, for up to DEPLOY_RETRY_S."""
+        give_up = time.monotonic() + DEPLOY_RETRY_S
+        attempt = 0
+        while True:
+            try:
+                return await asyncio.to_thread(
+                    update,
+                    self.state_dir,
+                    self.config.server_url,
+                    org,
+                    name,
+                    version,
+                    policy=self.policy,
+                    clock=self.clock,
+                    slots=self.slots,
+                    on_phase=on_phase,
+                )
+            except UpdateUnauthorized:
+                raise
+            except UpdateUnavailable as exc:
+                ceiling = min(DEPLOY_RETRY_CAP_S, DEPLOY_RETRY_BASE_S * 2 ** min(attempt, 16))
+                delay = self._rng.uniform(ceiling / 2, ceiling)
+                if time.monotonic() + delay > give_up:
+                    raise
+                attempt += 1
+                log.warning("command %s: %s; trying again in %.1f s", cid, exc, delay)
+                await asyncio.sleep(delay)
 
     def _progress(self, cid: str, phase: str) -> None:
         self.channel.progress(phase, self.clock())
@@ -449,8 +539,7 @@ class Daemon:
 
     def _status(self, cid: str | None, state: str, reason: str) -> None:
         body: dict[str, Any] = {"command_id": cid, "state": str(state), "reason": reason[:1000]}
-        body.update(self._runes())
-        self.send(MessageType.STATUS, body)
+        self.send(MessageType.STATUS, body)  # the runes are added when it is sent
         self._on_event("status", body)
 
     def report_rune_change(self, state: str, reason: str) -> None:
@@ -516,7 +605,6 @@ class Daemon:
                     await asyncio.wait_for(stop.wait(), delay)
 
     def _learn_command_key(self) -> None:
-        self._key_refreshed_at = self.clock()
         client = tuf_client(self.state_dir, self.config.server_url, self.identity)
         client.refresh()
         document = client.command_key()
@@ -527,3 +615,4 @@ class Daemon:
                 f"the published command key is malformed ({exc})", "malformed-target"
             ) from None
         self.command_key = key
+        self._key_confirmed_at = self.clock()

@@ -15,6 +15,16 @@ Rules:
   times out what passed its deadline (`Outbox.resend_due`) every `RESEND_INTERVAL_S`.
 - The link reconnects forever with full-jitter exponential backoff; the API keeps working while
   the broker is away (commands stay queued).
+- The session is clean, under a random client id: replicas and overlapping reconnects must not
+  take each other's session over (docs/broker.md), and the embedded broker keeps no session
+  anyway. So what devices publish while the controller is away from the broker (its restart, a
+  broker restart, a network cut) is lost, and nothing depends on it: on every (re)connection the
+  outbox sends each unfinished command again and a device answers a command it already ran with
+  its recorded result; a device says `hello` (its whole state, recent results included) on each
+  of its own connections and every few minutes while connected (`agent.daemon`), and the outbox
+  reconciles from it. A missed status delays what the controller shows; it never loses the end
+  of a command. (A persistent session would also queue stale envelopes: after a long outage the
+  controller would refuse them as expired and count each as a security refusal.)
 """
 
 from __future__ import annotations

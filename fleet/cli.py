@@ -212,7 +212,10 @@ def serve(
         typer.Option(help="HOST:PORT of the embedded broker (default: fleet.yaml, 1884)."),
     ] = None,
     mqtt_ca: Annotated[
-        Path | None, typer.Option(help="CA certificate the mqtts:// broker's must chain to.")
+        Path | None,
+        typer.Option(
+            help="The CA certificate that the mqtts:// broker's certificate must chain to."
+        ),
     ] = None,
     mqtt_cert: Annotated[
         Path | None, typer.Option(help="The controller's client certificate (CN fleet-controller).")

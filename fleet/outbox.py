@@ -6,9 +6,17 @@ Rules:
 - Each (re)send is a fresh envelope: the device's next `command_seq` (allocated under a lock and
   stored before signing), a new `iat`, and `exp` = now + `COMMAND_TTL_S`, never past the command's
   deadline. Devices run a command id at most once, so re-sending is always safe.
-- A command that was published but not acknowledged (`received` or later) within `RESEND_AFTER`
-  is sent again; all unfinished commands are sent again when the broker link reconnects and when
-  the device says `hello` without knowing them.
+- A command that was published but not acknowledged (`received` or later) is sent again
+  `RESEND_AFTER` after its last send, then after twice as long each time, up to `RESEND_MAX`:
+  a device that is offline gets nothing from these sends (its session is clean, so the broker
+  keeps nothing for it, and each envelope expires after `COMMAND_TTL_S` anyway), so it should cost
+  a few envelopes an hour, not one every 30 s. Every unfinished command is sent again when the
+  broker link reconnects and when the device says `hello` without knowing it, which is what
+  reaches a device that comes back. Together with the device answering a command it already ran
+  with its recorded result, this is how a result lost on the way (the broker or the controller
+  restarted, the device was offline) still arrives.
+- Time is the outbox's `clock` and nothing else: the deadline, the envelope's `iat` and `exp`,
+  when a resend is due.
 - States only move forward: a terminal state (`TERMINAL`) is never changed, and a device can only
   report on its own commands. A command whose deadline passes unfinished becomes `timed-out`, so
   every command ends.
@@ -48,10 +56,17 @@ TERMINAL = frozenset({*(s.value for s in TERMINAL_STATES), TIMED_OUT})
 UNACKED = frozenset({QUEUED, SENT})
 DEVICE_STATES = frozenset(s.value for s in CommandState)
 RESEND_AFTER = timedelta(seconds=30)
+RESEND_MAX = timedelta(minutes=10)
 DEFAULT_DEADLINE = timedelta(hours=6)
 _ORDER = {QUEUED: 0, SENT: 1, **{s.value: 2 + i for i, s in enumerate(CommandState)}}
 
 Publish = Callable[[str, bytes], Awaitable[None]]
+
+
+def resend_interval(attempts: int) -> timedelta:
+    """How long after its last send an unacknowledged command is sent again."""
+    interval: timedelta = RESEND_AFTER * 2 ** min(max(attempts - 1, 0), 10)
+    return min(interval, RESEND_MAX)
 
 
 class OutboxError(Exception):
@@ -146,7 +161,9 @@ class Outbox:
         for command in await Command.filter(
             state__in=sorted(UNACKED - {QUEUED}), sent_at__lt=now - RESEND_AFTER
         ):
-            count += await self.send(command)
+            due = now - resend_interval(command.attempts)
+            if command.sent_at is None or command.sent_at <= due:
+                count += await self.send(command)
         for command in await Command.filter(state=QUEUED):
             count += await self.send(command)
         for command in await Command.filter(state__not_in=sorted(TERMINAL), deadline__lte=now):
@@ -181,21 +198,30 @@ class Outbox:
         return True
 
     async def reconcile(self, device_id: str, hello: dict[str, Any]) -> int:
-        """Bring this device's commands in line with its `hello`; returns how many were re-sent."""
+        """Bring this device's commands in line with its `hello`; returns how many were re-sent.
+
+        Only the device's unfinished commands are looked at (one query, however many results the
+        hello lists): a result ends its command, the command in flight advances, and every
+        unfinished command the device does not mention is sent again.
+        """
+        pending = Command.filter(device_id=device_id, state__not_in=sorted(TERMINAL))
+        unfinished = await pending.order_by("created_at")
+        if not unfinished:
+            return 0
+        ids = {command.id for command in unfinished}
         known: set[str] = set()
         for result in hello.get("results") or []:
-            if isinstance(result, dict) and isinstance(result.get("id"), str):
+            if isinstance(result, dict) and result.get("id") in ids:
                 known.add(result["id"])
                 await self.report(
                     device_id, result["id"], str(result.get("state")), str(result.get("reason", ""))
                 )
         flight = hello.get("in_flight")
-        if isinstance(flight, dict) and isinstance(flight.get("id"), str):
+        if isinstance(flight, dict) and flight.get("id") in ids:
             known.add(flight["id"])
             await self.report(device_id, flight["id"], str(flight.get("state")), "")
         count = 0
-        pending = Command.filter(device_id=device_id, state__not_in=sorted(TERMINAL))
-        for command in await pending.order_by("created_at"):
+        for command in unfinished:
             if command.id not in known:
                 count += await self.send(command)
         return count

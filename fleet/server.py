@@ -8,14 +8,22 @@ Rules:
   second `broker mqtt://HOST:PORT` (the URL devices are given).
 - Shutdown: stop accepting, let in-flight requests finish (up to `SHUTDOWN_GRACE_S`), stop the
   broker link, the embedded broker and the renewal task, close the database.
+- `running_controller` is all of that as an async context manager yielding a `ServerHandle`;
+  `serve` only adds the two stdout lines and waits for a signal. Its `clock` drives the command
+  channel (the outbox's deadlines and resends, the broker link's freshness checks), so a test can
+  run the channel at another time; TUF metadata, enrollment and certificates stay on the real
+  clock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from importlib.metadata import version as dist_version
 from pathlib import Path
 
@@ -46,6 +54,18 @@ class MqttOptions:
     share_group: str | None = None
 
 
+@dataclass(frozen=True)
+class ServerHandle:
+    """A controller that `running_controller` started: where it listens and its parts."""
+
+    url: str  # http://HOST:PORT of the API and the TUF repository
+    broker_url: str  # the broker address devices are given
+    controller: Controller
+    outbox: Outbox
+    link: BrokerLink
+    embedded_broker: EmbeddedBroker | None
+
+
 def parse_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -53,12 +73,16 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-async def serve(
+@contextlib.asynccontextmanager
+async def running_controller(
     fleet_dir: FleetDir,
     listen: str | None,
     db_url: str | None,
     mqtt: MqttOptions | None = None,
-) -> None:
+    *,
+    clock: Callable[[], datetime] = utcnow,
+) -> AsyncIterator[ServerHandle]:
+    """Start the controller (see the module docstring for the order); stop it on exit."""
     config = fleet_dir.load_config()
     host, port = parse_listen(listen or config.listen)
     mqtt = mqtt or MqttOptions()
@@ -79,12 +103,13 @@ async def serve(
             broker = EmbeddedBroker(broker_host, broker_port)
             await broker.start()
             broker_url = broker.url
-        ctl.outbox = Outbox(CommandKey(fleet_dir.key_file("command")), utcnow)
+        outbox = Outbox(CommandKey(fleet_dir.key_file("command")), clock)
+        ctl.outbox = outbox
         settings = BrokerSettings(
             broker_url, mqtt.ca_cert, mqtt.client_cert, mqtt.client_key, mqtt.share_group
         )
         link = BrokerLink(
-            settings, ctl.outbox, ctl.device_key, ChannelMetrics(ctl.metrics.registry), utcnow
+            settings, outbox, ctl.device_key, ChannelMetrics(ctl.metrics.registry), clock
         )
         ctl.device_broker_url = config.device_broker_url or broker_url
         runner = web.AppRunner(
@@ -96,8 +121,6 @@ async def serve(
         link.start()
         bound = runner.addresses[0]
         url_host = f"[{host}]" if ":" in host else host  # an IPv6 address needs brackets in a URL
-        print(f"listening on http://{url_host}:{bound[1]}", flush=True)
-        print(f"broker {ctl.device_broker_url}", flush=True)
         log(
             "controller.started",
             listen=f"{host}:{bound[1]}",
@@ -106,11 +129,14 @@ async def serve(
             broker=redact(broker_url),
             embedded_broker=broker is not None,
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        yield ServerHandle(
+            url=f"http://{url_host}:{bound[1]}",
+            broker_url=ctl.device_broker_url,
+            controller=ctl,
+            outbox=outbox,
+            link=link,
+            embedded_broker=broker,
+        )
         log("controller.stopping")
     finally:
         if runner is not None:
@@ -123,4 +149,22 @@ async def serve(
             await ctl.stop()
         await close_database()
         log("controller.stopped")
+
+
+async def serve(
+    fleet_dir: FleetDir,
+    listen: str | None,
+    db_url: str | None,
+    mqtt: MqttOptions | None = None,
+) -> None:
+    try:
+        async with running_controller(fleet_dir, listen, db_url, mqtt) as server:
+            print(f"listening on {server.url}", flush=True)
+            print(f"broker {server.broker_url}", flush=True)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+    finally:
         sys.stdout.flush()
