@@ -11,8 +11,9 @@ Rules:
   still the published one: the device refreshes TUF first (a signed request for
   `timestamp.json` when nothing changed), so a rotated-out command key is refused at once
   (`unknown-key`), even by a device that has not heard from the controller since the rotation.
-  If the refresh fails (the repository is unreachable), the known key is used only when TUF
-  confirmed it less than `KEY_GRACE_S` ago; otherwise the command is refused (`stale-key`).
+  If the refresh fails (the repository is unreachable, or slower than `KEY_CONFIRM_TIMEOUT_S`),
+  the known key is used only when TUF confirmed it less than `KEY_GRACE_S` ago; otherwise the
+  command is refused (`stale-key`).
 - A refused message is counted, logged and reported to the controller as a `security-event`
   (at most `SECURITY_REPORTS_PER_MINUTE`, the rest counted in the next report); it changes
   nothing else. No message, however malformed, stops the daemon.
@@ -91,6 +92,7 @@ KEEPALIVE_S = 30
 SECURITY_REPORTS_PER_MINUTE = 10
 UNKNOWN_KEY_REFRESHES_PER_MINUTE = 6
 KEY_GRACE_S = 3600.0
+KEY_CONFIRM_TIMEOUT_S = 5.0
 OUTGOING_LIMIT = 1000
 RENEWAL_CHECK_S = 60.0
 HELLO_INTERVAL_S = 300.0
@@ -383,7 +385,7 @@ class Daemon:
         """Make sure the key that signed a command is still the one TUF publishes (see Rules)."""
         confirmed = self._key_confirmed_at
         try:
-            await asyncio.to_thread(self._learn_command_key)
+            await asyncio.to_thread(self._learn_command_key, KEY_CONFIRM_TIMEOUT_S)
         except UpdateError as exc:
             if confirmed is None or self.clock() - confirmed >= KEY_GRACE_S:
                 raise Refusal(
@@ -604,8 +606,10 @@ class Daemon:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
 
-    def _learn_command_key(self) -> None:
-        client = tuf_client(self.state_dir, self.config.server_url, self.identity)
+    def _learn_command_key(self, timeout_s: float | None = None) -> None:
+        client = tuf_client(
+            self.state_dir, self.config.server_url, self.identity, timeout_s=timeout_s
+        )
         client.refresh()
         document = client.command_key()
         try:

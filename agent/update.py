@@ -24,6 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version as dist_version
 from pathlib import Path
+from typing import Any
+
+import urllib3
 
 from agent.faults import crash_point
 from agent.health import HealthReport, health_check
@@ -69,11 +72,27 @@ class UpdateReport:
         self.steps.append(text)
 
 
-def tuf_client(state_dir: Path, server: str, identity: DeviceIdentity) -> TufClient:
+def tuf_client(
+    state_dir: Path, server: str, identity: DeviceIdentity, *, timeout_s: float | None = None
+) -> TufClient:
+    """The device's TUF client; with `timeout_s`, each request gets that long, once, no retries
+    (for a check that must not hold the device up when the repository is slow)."""
+    options: dict[str, Any] = {}
+    if timeout_s is not None:
+        options = {
+            "connect_timeout": timeout_s,
+            "read_timeout": timeout_s,
+            "total_timeout": timeout_s,
+            "retries": 0,
+            "pool": urllib3.PoolManager(
+                retries=False, timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s)
+            ),
+        }
     fetcher = TufFetcher.for_device(
         identity,
         partial_dir=state_dir / PARTIAL_DIR,
         progress=lambda _url, _received: crash_point("download"),
+        **options,
     )
     return TufClient(state_dir / TUF_DIR, server, fetcher, state_dir / TUF_DIR / "downloads")
 
