@@ -507,7 +507,20 @@ class Daemon:
         self._status(cid, CommandState(phase), "")
 
     def _rollback(self, message: Message) -> tuple[CommandState, str]:
+        """Make the previous slot active again. With `to` (a rune ref), only if that is the rune
+        the previous slot holds; if it is already active, there is nothing to do."""
         reason = str(message.body.get("reason") or "rollback requested by the controller")
+        wanted = message.body.get("to")
+        if wanted is not None:
+            runes = self._runes()
+            active, previous = ((runes.get(key) or {}).get("ref") for key in ("active", "previous"))
+            if active == wanted:
+                return CommandState.DONE, f"{wanted} is already active"
+            if previous != wanted:
+                return CommandState.FAILED, (
+                    f"the previous slot holds {previous or 'nothing'}, not {wanted}; "
+                    "deploy it instead"
+                )
         try:
             slot = self.slots.rollback(reason[:200], self.clock())
         except NoRollbackTarget as exc:

@@ -5,11 +5,22 @@ Rules:
   each envelope against the key of the enrolled device it claims to come from; a message on
   another device's topic is `spoofed`, an unknown or not enrolled sender `unknown-sender`.
 - Each stream's last accepted `seq` is stored with the device and advanced with a conditional
-  update, so two copies of one message (a QoS 1 redelivery, a retained presence seen again after
-  a restart) are handled once: the same `seq` again is a duplicate, ignored and counted; a lower
-  one is a replay, refused.
+  update (`WHERE seq < new`), so two copies of one message (a QoS 1 redelivery, a retained
+  presence seen again after a restart) are handled once: the same `seq` again is a duplicate,
+  ignored and counted; a lower one is a replay, refused. What a message changes on the device row
+  (`last_seen_at`; `online` for a presence; the runes a status or a `hello` reports, and a
+  `hello`'s `last_hello` and agent version) is written by that same update, so a message is
+  accepted and recorded in one statement, or neither; only then is it acted on (the outbox).
+- Device messages are handled concurrently by `DISPATCH_WORKERS` tasks. Each device is hashed to
+  one of them, so one device's messages are handled one at a time, in the order the broker
+  delivered them (the conditional update would refuse an older `seq` handled late, so order is
+  what keeps a device's messages from being refused); different devices' database round trips
+  overlap. Each worker's queue holds at most `DISPATCH_QUEUE_SIZE` messages: when one is full the
+  link stops reading from the broker until it has room (backpressure, not unbounded memory). The
+  workers outlive a broker session, so a reconnect never runs two handlers for one device.
 - Every refusal is counted in `fleet_messages_refused_total{kind}` and logged as a security event;
-  it changes nothing.
+  it changes nothing. A message whose handling fails (the database away for a moment) is logged
+  and dropped; it never stops its worker or the link.
 - On every (re)connection the link subscribes to the device channels and asks the outbox to send
   every unfinished command again; while connected it re-sends what was not acknowledged and
   times out what passed its deadline (`Outbox.resend_due`) every `RESEND_INTERVAL_S`.
@@ -33,6 +44,7 @@ import asyncio
 import contextlib
 import random
 import ssl
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -64,6 +76,9 @@ RESEND_INTERVAL_S = 5.0
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
 CLIENT_ID = "fleet-controller"
+DISPATCH_WORKERS = 8
+DISPATCH_QUEUE_SIZE = 256
+_SEQ_FIELD = {Channel.STATUS: "status_seq", Channel.PRESENCE: "presence_seq"}
 
 
 class ChannelMetrics:
@@ -115,6 +130,8 @@ class BrokerLink:
         device_key: Callable[[str], Awaitable[Key | None]],
         metrics: ChannelMetrics,
         clock: Callable[[], datetime],
+        workers: int = DISPATCH_WORKERS,
+        queue_size: int = DISPATCH_QUEUE_SIZE,
     ) -> None:
         url = urlsplit(settings.url)
         if url.scheme not in {"mqtt", "mqtts"} or not url.hostname:
@@ -131,16 +148,27 @@ class BrokerLink:
         self._client: aiomqtt.Client | None = None
         self._rng = random.Random()
         self._was_up = False
+        if workers < 1 or queue_size < 1:
+            raise ValueError("the link needs at least one worker with room for one message")
+        self._queues: list[asyncio.Queue[tuple[str, bytes, bool]]] = [
+            asyncio.Queue(queue_size) for _ in range(workers)
+        ]
+        self._workers: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="broker-link")
 
     async def stop(self) -> None:
         self.outbox.publish = None
-        if self._task is not None:
-            self._task.cancel()
+        tasks = [self._task] if self._task is not None else []
+        tasks += self._workers
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
+        self._task = None
+        self._workers = []
 
     # -- the session -------------------------------------------------------------------------
 
@@ -188,10 +216,7 @@ class BrokerLink:
                 async for message in client.messages:
                     payload = message.payload
                     data = payload if isinstance(payload, bytes | bytearray) else b""
-                    try:
-                        await self.handle(str(message.topic), bytes(data), message.retain)
-                    except Exception as exc:  # one bad message must not end the link
-                        log("channel.handler_failed", topic=str(message.topic), error=repr(exc))
+                    await self.submit(str(message.topic), bytes(data), message.retain)
             finally:
                 resender.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -218,6 +243,36 @@ class BrokerLink:
             )
         return context
 
+    # -- dispatch ----------------------------------------------------------------------------
+
+    async def submit(self, topic_name: str, data: bytes, retained: bool = False) -> None:
+        """Hand one message to its device's worker, waiting while that worker's queue is full."""
+        parsed = parse_topic(topic_name)
+        if parsed is None or parsed[1] not in _SEQ_FIELD:
+            return  # not a device topic the link handles; `handle` would ignore it too
+        if not self._workers:
+            self._workers = [
+                asyncio.create_task(self._work(queue), name=f"broker-link-worker-{n}")
+                for n, queue in enumerate(self._queues)
+            ]
+        shard = zlib.crc32(parsed[0].encode()) % len(self._queues)
+        await self._queues[shard].put((topic_name, data, retained))
+
+    async def drain(self) -> None:
+        """Wait until every message submitted so far has been handled."""
+        for queue in self._queues:
+            await queue.join()
+
+    async def _work(self, queue: asyncio.Queue[tuple[str, bytes, bool]]) -> None:
+        while True:
+            topic_name, data, retained = await queue.get()
+            try:
+                await self.handle(topic_name, data, retained)
+            except Exception as exc:  # one bad message must not end the worker
+                log("channel.handler_failed", topic=topic_name, error=repr(exc))
+            finally:
+                queue.task_done()
+
     # -- one message -------------------------------------------------------------------------
 
     async def handle(self, topic_name: str, data: bytes, retained: bool = False) -> Message | None:
@@ -226,7 +281,8 @@ class BrokerLink:
         if parsed is None:
             return None
         device_id, channel = parsed
-        if channel not in (Channel.STATUS, Channel.PRESENCE):
+        field = _SEQ_FIELD.get(channel)
+        if field is None:
             return None  # evidence and telemetry have their own consumers
         claimed = claimed_issuer(data)
         keys: dict[str, Key] = {}
@@ -234,55 +290,46 @@ class BrokerLink:
             key = await self.device_key(claimed)
             if key is not None:
                 keys[claimed] = key
-        device = await Device.get_or_none(id=device_id)
-        field = "presence_seq" if channel is Channel.PRESENCE else "status_seq"
-        last = int(getattr(device, field)) if device is not None else 0
         now = self.clock()
         try:
+            # The seq is checked by the conditional update below, against the stored one.
             message = open_message(
                 data,
                 audience=CONTROLLER,
                 channel=channel,
                 key_for=keys.get,
-                last_seq=lambda _iss: max(last - 1, 0),
+                last_seq=lambda _iss: 0,
                 now=now.timestamp(),
                 topic_sender=device_id,
             )
         except Refusal as refusal:
             self._refuse(refusal, device_id, topic_name)
             return None
-        if message.seq == last:
-            self.metrics.duplicates.inc()
-            return None
         advanced = await Device.filter(id=device_id, **{f"{field}__lt": message.seq}).update(
-            **{field: message.seq, "last_seen_at": now}
+            **{field: message.seq, "last_seen_at": now}, **_recorded(message)
         )
         if not advanced:
-            self._refuse(
-                Refusal("replayed", f"seq {message.seq} was already seen"), device_id, topic_name
-            )
+            stored = await Device.filter(id=device_id).only("id", field).first()
+            last = int(getattr(stored, field)) if stored is not None else None
+            if message.seq == last:
+                self.metrics.duplicates.inc()
+                return None
+            reason = f"seq {message.seq} is not above {last}" if last is not None else "no device"
+            self._refuse(Refusal("replayed", reason), device_id, topic_name)
             return None
         self.metrics.received.labels(message.type.value).inc()
-        await self._dispatch(device_id, message)
+        await self._act(device_id, message)
         return message
 
-    async def _dispatch(self, device_id: str, message: Message) -> None:
+    async def _act(self, device_id: str, message: Message) -> None:
+        """What an accepted message does beyond the device row `_recorded` already updated."""
         body = message.body
         if message.type is MessageType.PRESENCE:
-            online = body.get("online") is True
-            await Device.filter(id=device_id).update(online=online)
-            log("device.presence", device=device_id, online=online)
+            log("device.presence", device=device_id, online=body.get("online") is True)
         elif message.type is MessageType.HELLO:
-            await Device.filter(id=device_id).update(
-                online=True,
-                last_hello=body,
-                **_runes(body),
-                agent_version=str(body.get("agent_version", ""))[:32] or None,
-            )
             resent = await self.outbox.reconcile(device_id, body)
             log("device.hello", device=device_id, resent=resent)
         elif message.type is MessageType.STATUS:
-            await Device.filter(id=device_id).update(**_runes(body))
             command = body.get("command_id")
             if isinstance(command, str):
                 await self.outbox.report(
@@ -314,6 +361,23 @@ class BrokerLink:
             device=device_id,
             reason=str(refusal)[:300],
         )
+
+
+def _recorded(message: Message) -> dict[str, Any]:
+    """The device fields an accepted message sets, besides its seq and `last_seen_at`."""
+    body = message.body
+    if message.type is MessageType.PRESENCE:
+        return {"online": body.get("online") is True}
+    if message.type is MessageType.HELLO:
+        return {
+            "online": True,
+            "last_hello": body,
+            **_runes(body),
+            "agent_version": str(body.get("agent_version", ""))[:32] or None,
+        }
+    if message.type is MessageType.STATUS:
+        return _runes(body)
+    return {}
 
 
 def _runes(body: dict[str, Any]) -> dict[str, Any]:

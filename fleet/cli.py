@@ -860,5 +860,11 @@ def enroll_tokens_revoke(
     out.print(f"enrollment token {token_id} revoked", highlight=False)
 
 
+# Rollouts (fleet/rollout_cli.py uses the helpers above).
+from fleet.rollout_cli import rollout_app  # noqa: E402
+
+app.add_typer(rollout_app, name="rollout")
+
+
 def main() -> None:
     app()

@@ -19,6 +19,7 @@ import functools
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from securesystemslib.signer import SSlibKey
 
@@ -31,6 +32,9 @@ from fleet.metrics import Metrics
 from fleet.outbox import Outbox
 from fleet.tuf_store import FleetRepository, utcnow
 from ota.repository import ONLINE_ROLES, TOP_LEVEL_ROLES
+
+if TYPE_CHECKING:
+    from fleet.scheduler import Scheduler
 
 RENEWAL_MAX_SLEEP_S = 60.0
 
@@ -46,6 +50,8 @@ class Controller:
     device_broker_url: str | None = None
     # The command outbox (set by `serve` once the broker link exists).
     outbox: Outbox | None = None
+    # The rollout scheduler (set by `serve` once the broker link exists).
+    scheduler: Scheduler | None = None
     _device_keys: dict[str, SSlibKey] = field(default_factory=dict)
     _renewal: asyncio.Task[None] | None = None
 

@@ -18,8 +18,10 @@ Rules:
 - Time is the outbox's `clock` and nothing else: the deadline, the envelope's `iat` and `exp`,
   when a resend is due.
 - States only move forward: a terminal state (`TERMINAL`) is never changed, and a device can only
-  report on its own commands. A command whose deadline passes unfinished becomes `timed-out`, so
-  every command ends.
+  report on its own commands. Every state change is a conditional UPDATE on the state the row has
+  in the database, never a save of a copy read earlier, so concurrent handlers (a re-send, a
+  report, a time-out) cannot move a command back. A command whose deadline passes unfinished
+  becomes `timed-out`, so every command ends.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +105,27 @@ class Outbox:
         body: dict[str, Any],
         created_by: str,
         deadline: timedelta = DEFAULT_DEADLINE,
+        *,
+        command_id: str | None = None,
+        send: bool = True,
     ) -> Command:
+        """Store a command and (with `send`) publish it; the stored command.
+
+        With `command_id`, enqueueing is idempotent: when a command with that id exists it is
+        returned as it is (not sent again), so a caller that restarts between deciding and
+        recording never sends a command twice. Without `send` the command stays `queued` (the
+        caller sends it once its transaction committed; `resend_due` sends it otherwise).
+        """
+        if command_id is not None:
+            existing = await Command.get_or_none(id=command_id)
+            if existing is not None:
+                return existing
         device = await Device.get_or_none(id=device_id)
         if device is None or device.state != "enrolled":
             raise OutboxError(f"device {device_id} is not enrolled")
         now = self.clock()
         command = await Command.create(
-            id=uuid.uuid4().hex,
+            id=command_id or uuid.uuid4().hex,
             device_id=device_id,
             type=type_.value,
             body=body,
@@ -118,7 +134,8 @@ class Outbox:
             deadline=now + deadline,
         )
         log("command.queued", command=command.id, device=device_id, type=type_.value)
-        await self.send(command)
+        if send:
+            await self.send(command)
         return command
 
     async def send(self, command: Command) -> bool:
@@ -141,12 +158,17 @@ class Outbox:
             {**command.body, "command_id": command.id},
         )
         data = seal_message(message, self.signer())
+        # Field by field, and the state only from queued: a report may have moved this command on
+        # since `command` was read, and a stale copy must never move it back.
+        await Command.filter(id=command.id).update(
+            attempts=F("attempts") + 1, last_seq=seq, sent_at=now, updated_at=_wall_clock()
+        )
+        await Command.filter(id=command.id, state=QUEUED).update(state=SENT)
         command.attempts += 1
         command.last_seq = seq
         command.sent_at = now
         if command.state == QUEUED:
             command.state = SENT
-        await command.save(update_fields=["attempts", "last_seq", "sent_at", "state", "updated_at"])
         try:
             await self.publish(topic(command.device_id, Channel.CMD), data)
         except Exception as exc:  # the broker link reports it; the command stays pending
@@ -190,11 +212,15 @@ class Outbox:
         if state not in TERMINAL and _ORDER[state] <= _ORDER.get(command.state, 0):
             return False
         if state in TERMINAL:
-            await self._finish(command, state, reason)
-        else:
-            command.state = state
-            await command.save(update_fields=["state", "updated_at"])
-            self.on_change(command)
+            return await self._finish(command, state, reason)
+        earlier = [known for known, order in _ORDER.items() if order < _ORDER[state]]
+        moved = await Command.filter(id=command.id, state__in=earlier).update(
+            state=state, updated_at=_wall_clock()
+        )
+        if not moved:
+            return False
+        command.state = state
+        self.on_change(command)
         return True
 
     async def reconcile(self, device_id: str, hello: dict[str, Any]) -> int:
@@ -226,11 +252,17 @@ class Outbox:
                 count += await self.send(command)
         return count
 
-    async def _finish(self, command: Command, state: str, reason: str) -> None:
+    async def _finish(self, command: Command, state: str, reason: str) -> bool:
+        """End `command` in `state`, unless it has ended already; whether this ended it."""
+        finished_at = self.clock()
+        ended = await Command.filter(id=command.id, state__not_in=sorted(TERMINAL)).update(
+            state=state, reason=reason[:2000], finished_at=finished_at, updated_at=_wall_clock()
+        )
+        if not ended:
+            return False
         command.state = state
         command.reason = reason[:2000]
-        command.finished_at = self.clock()
-        await command.save(update_fields=["state", "reason", "finished_at", "updated_at"])
+        command.finished_at = finished_at
         log(
             "command.finished",
             command=command.id,
@@ -239,6 +271,7 @@ class Outbox:
             reason=reason[:200],
         )
         self.on_change(command)
+        return True
 
     async def _next_seq(self, device_id: str) -> int:
         async with self._seq_lock:
@@ -247,3 +280,8 @@ class Outbox:
             if device is None:
                 raise OutboxError(f"device {device_id} was removed")
             return int(device.command_seq)
+
+
+def _wall_clock() -> datetime:
+    """When a row is written (`updated_at`, as Tortoise's `auto_now`), whatever `clock` says."""
+    return datetime.now(UTC)

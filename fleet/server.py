@@ -3,11 +3,11 @@
 Rules:
 - Startup order: database (with migrations), repository, an immediate renewal (the controller may
   have been down past a timestamp's expiry), the broker (the embedded one unless a broker URL is
-  given) and the link to it, then the HTTP listener; the first line on stdout is
-  `listening on http://HOST:PORT` once requests are accepted (port 0 picks a free port), the
-  second `broker mqtt://HOST:PORT` (the URL devices are given).
+  given) and the link to it, then the HTTP listener and the rollout scheduler (`fleet.scheduler`);
+  the first line on stdout is `listening on http://HOST:PORT` once requests are accepted (port 0
+  picks a free port), the second `broker mqtt://HOST:PORT` (the URL devices are given).
 - Shutdown: stop accepting, let in-flight requests finish (up to `SHUTDOWN_GRACE_S`), stop the
-  broker link, the embedded broker and the renewal task, close the database.
+  rollout scheduler, the broker link, the embedded broker and the renewal task, close the database.
 - `running_controller` is all of that as an async context manager yielding a `ServerHandle`;
   `serve` only adds the two stdout lines and waits for a signal. Its `clock` drives the command
   channel (the outbox's deadlines and resends, the broker link's freshness checks), so a test can
@@ -37,6 +37,7 @@ from fleet.db import close_database, open_database, redact
 from fleet.fleetdir import FleetDir
 from fleet.logs import log
 from fleet.outbox import CommandKey, Outbox
+from fleet.scheduler import Scheduler
 from fleet.tuf_store import FleetRepository, utcnow
 
 SHUTDOWN_GRACE_S = 10.0
@@ -92,6 +93,7 @@ async def running_controller(
     ctl: Controller | None = None
     broker: EmbeddedBroker | None = None
     link: BrokerLink | None = None
+    scheduler: Scheduler | None = None
     try:
         repository = await FleetRepository.open(fleet_dir, config.lifetimes())
         ctl = Controller(fleet_dir, config, repository, version=dist_version("fleet-tinyml"))
@@ -119,6 +121,9 @@ async def running_controller(
         site = web.TCPSite(runner, host, port)
         await site.start()
         link.start()
+        scheduler = Scheduler(outbox, clock, url)
+        ctl.scheduler = scheduler
+        scheduler.start()
         bound = runner.addresses[0]
         url_host = f"[{host}]" if ":" in host else host  # an IPv6 address needs brackets in a URL
         log(
@@ -141,6 +146,8 @@ async def running_controller(
     finally:
         if runner is not None:
             await runner.cleanup()
+        if scheduler is not None:
+            await scheduler.stop()
         if link is not None:
             await link.stop()
         if broker is not None:

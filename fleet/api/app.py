@@ -25,6 +25,7 @@ import fleet.api.access
 import fleet.api.commands
 import fleet.api.enroll
 import fleet.api.keys
+import fleet.api.rollouts
 import fleet.api.runes  # noqa: F401  (registers routes)
 from fleet.api import tuf
 from fleet.api.context import CONTROLLER, controller

@@ -138,7 +138,8 @@ class EnrollmentSignature(Model):
 class Command(Model):
     """A command in the outbox: stored before it is published, re-sent until acknowledged."""
 
-    id = fields.CharField(primary_key=True, max_length=36)
+    # A uuid4 hex, or `{rollout id}.{device id}.{attempt}` for a rollout's deploys.
+    id = fields.CharField(primary_key=True, max_length=64)
     device_id = fields.CharField(max_length=40, db_index=True)
     type = fields.CharField(max_length=16)
     body = fields.JSONField[dict[str, object]]()
@@ -170,3 +171,56 @@ class KeyRotation(Model):
 
     class Meta:
         table = "key_rotation"
+
+
+class Rollout(Model):
+    """A rollout of one rune version to a selector, in waves.
+
+    `machine` is the state machine's `to_dict()`; `state`, `reason`, `started_at` and
+    `finished_at` mirror it for queries.
+
+    Every write of `machine` checks and bumps `version`, so two writers (the scheduler and an
+    operator action) never overwrite each other's changes.
+    """
+
+    id = fields.CharField(primary_key=True, max_length=16)
+    org = fields.CharField(max_length=64)
+    rune_name = fields.CharField(max_length=64)
+    rune_version = fields.CharField(max_length=64)
+    rune_target = fields.CharField(max_length=255)
+    selector = fields.JSONField[dict[str, str]](default=dict)
+    devices = fields.JSONField[list[str]](null=True)
+    options = fields.JSONField[dict[str, object]]()
+    selected = fields.IntField(default=0)
+    state = fields.CharField(max_length=16, db_index=True)
+    reason = fields.TextField(null=True)
+    machine = fields.JSONField[dict[str, object]]()
+    version = fields.IntField(default=0)
+    created_by = fields.CharField(max_length=64)
+    created_at = fields.DatetimeField(auto_now_add=True)
+    updated_at = fields.DatetimeField(auto_now=True)
+    started_at = fields.DatetimeField(null=True)
+    finished_at = fields.DatetimeField(null=True)
+
+    class Meta:
+        table = "rollout"
+
+
+class RolloutDevice(Model):
+    """A device a rollout selected (at creation) or drew (when a wave started).
+
+    It is what finds a device's unfinished rollout (the overlap refusal), and it records what the
+    device ran before the rollout first notified it (`previous_rune`, for a rollback).
+    """
+
+    id = fields.IntField(primary_key=True)
+    rollout_id = fields.CharField(max_length=16, db_index=True)
+    device_id = fields.CharField(max_length=40, db_index=True)
+    wave = fields.IntField(null=True)
+    previous_rune = fields.CharField(max_length=255, null=True)
+    notified_at = fields.DatetimeField(null=True)
+    created_at = fields.DatetimeField(auto_now_add=True)
+
+    class Meta:
+        table = "rollout_device"
+        unique_together = (("rollout_id", "device_id"),)
