@@ -162,11 +162,15 @@ class BrokerLink:
         self.outbox.publish = None
         tasks = [self._task] if self._task is not None else []
         tasks += self._workers
+        # A cancellation that lands while aiomqtt is connecting can be swallowed by it (the
+        # session then runs on), so cancel again until each task has really ended.
+        while pending := [task for task in tasks if not task.done()]:
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=1.0)
         for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                task.result()
         self._task = None
         self._workers = []
 

@@ -164,14 +164,16 @@ async def serve(
     db_url: str | None,
     mqtt: MqttOptions | None = None,
 ) -> None:
+    # Before anything starts: a SIGTERM that arrives while starting (or just after the address
+    # is printed) stops the controller gracefully once it is up, instead of killing it.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     try:
         async with running_controller(fleet_dir, listen, db_url, mqtt) as server:
             print(f"listening on {server.url}", flush=True)
             print(f"broker {server.broker_url}", flush=True)
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
             await stop.wait()
     finally:
         sys.stdout.flush()
