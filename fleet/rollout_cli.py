@@ -798,5 +798,5 @@ def rollout_rollback(
     token: TokenOpt = None,
     output: OutputOpt = Output.text,
 ) -> None:
-    """Roll back: deploy the previous version to every device the rollout notified."""
+    """Roll back: every device the rollout notified returns to the rune it ran before."""
     _action(rollout_id, "rollback", server, token, output)

@@ -43,7 +43,8 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "cert"
 
 
-def _write_key(key: ed25519.Ed25519PrivateKey, path: Path) -> None:
+def write_key(key: ed25519.Ed25519PrivateKey, path: Path) -> None:
+    """`key` as unencrypted PKCS#8 PEM in `path`, mode 0600."""
     path.write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -142,7 +143,7 @@ class CertificateAuthority:
         certificate = builder.sign(self._key, None)
         issued = Issued(self.directory / f"{stem}.crt", self.directory / f"{stem}.key")
         issued.cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-        _write_key(key, issued.key)
+        write_key(key, issued.key)
         return issued
 
     def server(

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fleet.ca import FleetCA
@@ -29,6 +28,7 @@ from tests.agents import AgentProcess, deploy, enroll_agents, get, post, wait_on
 from tests.conftest import _service
 from tests.controller import RunningController, controller_for, wait_for, write_legacy_rune
 from tests.mosquitto import require_mosquitto, run_mosquitto
+from tests.pki import write_key
 
 # (database, broker): every broker on SQLite, the embedded one on PostgreSQL as well.
 SETUPS = [
@@ -40,13 +40,9 @@ SETUPS = [
 CONTROLLER_CN = "fleet-controller"
 
 
-def _write_key(path: Path) -> Ed25519PrivateKey:
+def _new_key(path: Path) -> Ed25519PrivateKey:
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    path.write_bytes(pem)
-    path.chmod(0o600)
+    write_key(key, path)
     return key
 
 
@@ -60,10 +56,10 @@ def _mtls_broker(stack: contextlib.ExitStack, work: Path) -> Callable[[Path], Se
         now = datetime.now(UTC)
         pki = work / "pki"
         pki.mkdir()
-        server_key = _write_key(pki / "server.key")
+        server_key = _new_key(pki / "server.key")
         server = ca.issue_server(["127.0.0.1"], server_key.public_key(), now, timedelta(days=1))
         (pki / "server.crt").write_bytes(server.pem)
-        client_key = _write_key(pki / "controller.key")
+        client_key = _new_key(pki / "controller.key")
         client = ca.issue_client(CONTROLLER_CN, client_key.public_key(), now, timedelta(days=1))
         (pki / "controller.crt").write_bytes(client.pem)
         ca_cert = fleet_dir / "keys" / "ca.crt"

@@ -142,7 +142,7 @@ def test_the_cli_rolls_out_then_rolls_the_fleet_back_to_the_previous_version(
     ctl, agents, _ = fleet
     devices = ",".join(a.device_id for a in agents)
     dry = ctl.cli("rollout", "create", "ticker@3.0.0", "--devices", devices, "--dry-run")
-    assert "nothing was created" in dry.stdout.lower() or "dry run" in dry.stdout.lower(), dry
+    assert "dry run:" in dry.stdout and "nothing was created" in dry.stdout, dry.stdout
     assert get(ctl, "/api/v1/rollouts?state=scheduled")["rollouts"] == []
     created = ctl.cli(
         "rollout", "create", "ticker@3.0.0", "--devices", devices,
