@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from fleet.rollout_metrics import RolloutMetrics
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -66,3 +68,4 @@ class Metrics:
             "Rune versions currently published (not revoked)",
             registry=self.registry,
         )
+        self.rollouts = RolloutMetrics(self.registry)

@@ -43,6 +43,7 @@ from fleet.db.models import Command, Device, RolloutDevice, Rune
 from fleet.db.models import Rollout as RolloutRow
 from fleet.logs import log
 from fleet.outbox import Outbox, OutboxError
+from fleet.rollout_metrics import RolloutMetrics
 from fleet.rollout_plan import (
     DEFAULT_WAVES,
     OnFailure,
@@ -598,10 +599,11 @@ async def persist(
     decisions: Sequence[Decision],
     outbox: Outbox,
     now: datetime,
+    metrics: RolloutMetrics | None = None,
 ) -> Persisted | None:
     """Save `machine` and carry out `decisions` in one transaction; None (nothing written) if
-    the row changed since `row.version` was read. On success `row` is updated in place and the
-    created commands are published."""
+    the row changed since `row.version` was read. On success `row` is updated in place, the
+    decisions are counted in `metrics` and the created commands are published."""
     done = Persisted()
     async with in_transaction():
         fields = _mirror(machine)
@@ -615,6 +617,8 @@ async def persist(
     row.version += 1
     for name, value in fields.items():
         setattr(row, name, value)
+    if metrics is not None:
+        metrics.record(decisions)
     for command in done.commands:
         if command.state == "queued":
             # Read again: `send` saves the state it holds, and a concurrent `resend_due` may have
@@ -721,7 +725,13 @@ def _rune_parts(ref: str | None) -> tuple[str, str, str] | None:
     return org, name, version
 
 
-async def act(rollout_id: str, action: str, outbox: Outbox, now: datetime) -> dict[str, Any]:
+async def act(
+    rollout_id: str,
+    action: str,
+    outbox: Outbox,
+    now: datetime,
+    metrics: RolloutMetrics | None = None,
+) -> dict[str, Any]:
     """An operator action (pause, resume, abort, rollback); the rollout after it."""
     if action not in ACTIONS:
         raise RolloutRefused(404, f"no rollout action {action!r}; one of {', '.join(ACTIONS)}")
@@ -732,7 +742,7 @@ async def act(rollout_id: str, action: str, outbox: Outbox, now: datetime) -> di
             decisions: list[Decision] = getattr(machine, action)(now.timestamp())
         except InvalidAction as exc:
             raise RolloutRefused(409, str(exc)) from None
-        if await persist(row, machine, decisions, outbox, now) is not None:
+        if await persist(row, machine, decisions, outbox, now, metrics) is not None:
             log("rollout.action", rollout=rollout_id, action=action, state=machine.state.value)
             return rollout_json(row, machine, now)
     raise RolloutRefused(409, f"rollout {rollout_id} is changing quickly; try {action} again")

@@ -40,6 +40,7 @@ from fleet.db.models import Command
 from fleet.db.models import Rollout as RolloutRow
 from fleet.logs import log
 from fleet.outbox import Outbox, OutboxError
+from fleet.rollout_metrics import RolloutMetrics
 from fleet.rollout_service import (
     ACTIVE,
     FleetData,
@@ -68,6 +69,7 @@ REFRESH_S = 1.0
 TICK_S = 1.0
 POLL_S = 2.0
 ERROR_PAUSE_S = 2.0
+OBSERVE_S = 1.0
 
 
 @dataclass
@@ -80,8 +82,16 @@ class Loaded:
 
 
 class Scheduler:
-    def __init__(self, outbox: Outbox, clock: Callable[[], datetime], db_url: str) -> None:
+    def __init__(
+        self,
+        outbox: Outbox,
+        clock: Callable[[], datetime],
+        db_url: str,
+        metrics: RolloutMetrics | None = None,
+    ) -> None:
         self.outbox = outbox
+        self.metrics = metrics
+        self._last_observed = 0.0
         self.clock = clock
         self.db_url = db_url
         self.rollouts: dict[str, Loaded] = {}
@@ -143,6 +153,7 @@ class Scheduler:
             finally:
                 self.leading = False
                 self.rollouts.clear()
+                self._observe(0.0, force=True)
 
     @contextlib.asynccontextmanager
     async def _leadership(self) -> AsyncIterator[None]:
@@ -203,11 +214,19 @@ class Scheduler:
                 if self._due(loaded, now) and fleet is None:
                     fleet = await FleetData.load()
                 await self._pass(loaded, fleet)
+            self._observe(now)
             self._wake.clear()
             if any(loaded.events or loaded.failed for loaded in self.rollouts.values()):
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._sleep_for(now))
+
+    def _observe(self, now: float, force: bool = False) -> None:
+        """Refresh the rollout gauges, at most every `OBSERVE_S`."""
+        if self.metrics is None or not (force or now - self._last_observed >= OBSERVE_S):
+            return
+        self._last_observed = now
+        self.metrics.observe(self.leading, (loaded.machine for loaded in self.rollouts.values()))
 
     def _due(self, loaded: Loaded, now: float) -> bool:
         machine = loaded.machine
@@ -248,7 +267,7 @@ class Scheduler:
                 loaded.last_tick = now
             if not decisions and machine.to_dict() == before:
                 return
-            done = await persist(loaded.row, machine, decisions, self.outbox, now_dt)
+            done = await persist(loaded.row, machine, decisions, self.outbox, now_dt, self.metrics)
             if done is not None:
                 loaded.failed += done.unreachable
                 # A command that existed already (decided again after a restart) may have moved

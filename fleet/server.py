@@ -121,7 +121,7 @@ async def running_controller(
         site = web.TCPSite(runner, host, port)
         await site.start()
         link.start()
-        scheduler = Scheduler(outbox, clock, url)
+        scheduler = Scheduler(outbox, clock, url, ctl.metrics.rollouts)
         ctl.scheduler = scheduler
         scheduler.start()
         bound = runner.addresses[0]

@@ -89,7 +89,13 @@ def _action(action: str) -> Callable[[web.Request], Awaitable[web.StreamResponse
     async def handler(request: web.Request) -> web.StreamResponse:
         rollout_id = request.match_info["id"]
         result = await _service(
-            rollout_service.act(rollout_id, action, _outbox(request), _now(request))
+            rollout_service.act(
+                rollout_id,
+                action,
+                _outbox(request),
+                _now(request),
+                controller(request).metrics.rollouts,
+            )
         )
         _poke(request)
         return json_response(result)

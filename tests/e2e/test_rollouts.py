@@ -2,7 +2,8 @@
 
 - A healthy rollout (waves `1,50%,100%`, no soak) reaches `completed` with every running device
   `succeeded`, each with exactly one deploy command (`{rollout}.{device}.1`) that its agent ran,
-  and the device that never came online `skipped` (offline).
+  and the device that never came online `skipped` (offline); `/metrics` counts exactly those
+  notifications, the skip, the three waves and the two transitions.
 - A controller killed (`kill -9`) mid-rollout and started again resumes the rollout from its
   stored state to `completed`, without notifying any device twice.
 - `fleetctl rollout` (create, dry run, status --watch, rollback, list, a refused pause) rolls a
@@ -103,6 +104,21 @@ def test_a_healthy_rollout_completes_and_offline_devices_are_skipped(
     assert_notified_once(ctl, agents, created["id"], "1.0.0")
     assert rollout_commands(ctl, offline.device_id, created["id"]) == []
 
+    # The first rollout of this controller: its counters hold exactly this rollout's decisions.
+    assert ctl.metric("fleet_rollout_notifications_total", attempt="first") == RUNNING
+    assert ctl.metric("fleet_rollout_notifications_total", attempt="retry") == 0
+    assert ctl.metric("fleet_rollout_devices_skipped_total", reason="offline") == 1
+    assert ctl.metric("fleet_rollout_waves_started_total") == 3
+    assert ctl.metric("fleet_rollout_transitions_total", state="running") == 1
+    assert ctl.metric("fleet_rollout_transitions_total", state="completed") == 1
+    assert ctl.metric("fleet_rollout_scheduler_leading") == 1
+    wait_for(
+        lambda: ctl.metric("fleet_rollouts", state="running") == 0
+        and ctl.metric("fleet_rollout_devices", state="succeeded") == 0,
+        timeout=10,
+        message="the finished rollout left the gauges",
+    )
+
 
 def test_a_controller_killed_mid_rollout_resumes_it_without_notifying_twice(
     fleet: tuple[RunningController, list[AgentProcess], AgentProcess],
@@ -127,6 +143,12 @@ def test_a_controller_killed_mid_rollout_resumes_it_without_notifying_twice(
         return bool(body["state"] == "running" and body["counts"]["succeeded"] >= 2)
 
     wait_for(underway, timeout=60, interval=0.1, message="two devices updated")
+    wait_for(
+        lambda: ctl.metric("fleet_rollouts", state="running") == 1
+        and ctl.metric("fleet_rollout_devices", state="succeeded") >= 2,
+        timeout=10,
+        message="the gauges show the running rollout",
+    )
     ctl.kill()
     ctl.start()
     done = wait_finished(ctl, rollout_id)
