@@ -114,10 +114,28 @@ async def send_command(request: web.Request) -> web.StreamResponse:
         if not isinstance(body.get("config"), dict):
             raise ApiError(400, "a config command needs a `config` object")
         payload["config"] = body["config"]
-    if kind is MessageType.ROLLBACK and isinstance(body.get("reason"), str):
-        payload["reason"] = body["reason"][:200]
+    if kind is MessageType.ROLLBACK:
+        if isinstance(body.get("reason"), str):
+            payload["reason"] = body["reason"][:200]
+        if "to" in body:
+            payload["to"] = _rollback_target(body["to"])
     command = await _enqueue(request, device, kind, payload, body)
     return json_response(command_json(command), status=201)
+
+
+def _rollback_target(value: Any) -> str:
+    """A rollback's `to`: the `ORG/NAME@VERSION` the device's previous slot must hold."""
+    org, sep, rest = value.partition("/") if isinstance(value, str) else ("", "", "")
+    try:
+        if not sep:
+            raise TargetNameError("no org")
+        check_part("org", org)
+        parse_rune_ref(rest)
+    except TargetNameError:
+        raise ApiError(
+            400, f"`to` must be ORG/NAME@VERSION (the rune the previous slot holds), not {value!r}"
+        ) from None
+    return str(value)
 
 
 async def _enqueue(

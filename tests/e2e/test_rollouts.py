@@ -9,6 +9,9 @@
 - `fleetctl rollout` (create, dry run, status --watch, rollback, list, a refused pause) rolls a
   new version out and the whole fleet back: every device ends on the version it ran before,
   through its own A/B rollback.
+- A targeted rollback (`"to": ORG/NAME@VERSION`) fails and changes nothing when the previous slot
+  holds another version (or none), answers `done` when that version is already active, and the
+  API refuses a `to` that is not a rune ref.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -113,8 +117,10 @@ def test_a_healthy_rollout_completes_and_offline_devices_are_skipped(
     assert ctl.metric("fleet_rollout_transitions_total", state="completed") == 1
     assert ctl.metric("fleet_rollout_scheduler_leading") == 1
     wait_for(
-        lambda: ctl.metric("fleet_rollouts", state="running") == 0
-        and ctl.metric("fleet_rollout_devices", state="succeeded") == 0,
+        lambda: (
+            ctl.metric("fleet_rollouts", state="running") == 0
+            and ctl.metric("fleet_rollout_devices", state="succeeded") == 0
+        ),
         timeout=10,
         message="the finished rollout left the gauges",
     )
@@ -144,8 +150,10 @@ def test_a_controller_killed_mid_rollout_resumes_it_without_notifying_twice(
 
     wait_for(underway, timeout=60, interval=0.1, message="two devices updated")
     wait_for(
-        lambda: ctl.metric("fleet_rollouts", state="running") == 1
-        and ctl.metric("fleet_rollout_devices", state="succeeded") >= 2,
+        lambda: (
+            ctl.metric("fleet_rollouts", state="running") == 1
+            and ctl.metric("fleet_rollout_devices", state="succeeded") >= 2
+        ),
         timeout=10,
         message="the gauges show the running rollout",
     )
@@ -208,3 +216,51 @@ def test_the_cli_rolls_out_then_rolls_the_fleet_back_to_the_previous_version(
     assert refused.stderr.startswith("error: ") and "Traceback" not in refused.stderr
     listed = ctl.cli("rollout", "list", "-o", "json")
     assert rollout_id in {r["id"] for r in json.loads(listed.stdout)["rollouts"]}
+
+
+def test_a_targeted_rollback_changes_nothing_unless_the_previous_slot_holds_its_version(
+    fleet: tuple[RunningController, list[AgentProcess], AgentProcess], tmp_path: Path
+) -> None:
+    """After the CLI test every device runs 2.0.0, and its previous slot is empty: a rollback
+    retires the version it leaves."""
+    ctl, agents, _ = fleet
+    agent = agents[0]
+    path = f"/api/v1/devices/{agent.device_id}"
+
+    def rollback_to(to: str) -> Any:
+        command = post(ctl, f"{path}/commands", {"type": "rollback", "to": to})
+        return wait_for(
+            lambda: (
+                (c := get(ctl, f"/api/v1/commands/{command['id']}"))["state"]
+                in ("done", "failed", "rolled-back")
+                and c
+            ),
+            timeout=30,
+            message=f"the rollback to {to} answered",
+        )
+
+    assert get(ctl, path)["active_rune"] == "default/ticker@2.0.0"
+    empty = rollback_to("default/ticker@1.0.0")
+    assert empty["state"] == "failed", empty
+    assert "the previous slot holds nothing, not default/ticker@1.0.0" in empty["reason"]
+
+    ctl.push(write_legacy_rune(tmp_path, "ticker-4.0.0.rune", nbytes=4), name="ticker",
+             org="default", version="4.0.0")  # fmt: skip
+    deployed = post(ctl, f"{path}/deploy", {"rune": "ticker@4.0.0"})
+    wait_for(
+        lambda: get(ctl, f"/api/v1/commands/{deployed['id']}")["state"] == "succeeded",
+        timeout=30,
+        message="4.0.0 deployed",
+    )
+    before = agent.slots_state()
+    wrong = rollback_to("default/ticker@1.0.0")
+    assert wrong["state"] == "failed", wrong
+    assert "previous slot holds default/ticker@2.0.0, not default/ticker@1.0.0" in wrong["reason"]
+    active = rollback_to("default/ticker@4.0.0")
+    assert active["state"] == "done", active
+    assert active["reason"] == "default/ticker@4.0.0 is already active"
+    assert get(ctl, path)["active_rune"] == "default/ticker@4.0.0"
+    assert agent.slots_state() == before
+
+    status, body = ctl.api("POST", f"{path}/commands", {"type": "rollback", "to": "ticker"})
+    assert status == 400 and "ORG/NAME@VERSION" in body["error"], body
