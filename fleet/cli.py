@@ -261,8 +261,8 @@ def demo(
     output: OutputOpt = Output.text,
 ) -> None:
     """Run a whole fleet on this machine: a controller with its embedded broker, N agents that
-    enroll, and a signed deploy of the example rune to all of them. Exit 0 when every device
-    verified, installed and runs it."""
+    enroll, and a signed rollout of the example rune to all of them (a canary, then the rest).
+    Exit 0 when the rollout completed and every device verified, installed and runs it."""
     _need_controller_extra()
     from fleet.demo import run
 

@@ -1,15 +1,17 @@
 """`fleetctl demo`: a whole fleet on this machine, end to end, on embedded defaults.
 
 A temporary fleet (SQLite, the embedded broker inside the controller), N agents as separate
-processes that enroll with a token, the example sine rune built, pushed, and deployed to every
-device through signed commands, then a summary of what each device verified, installed and runs.
+processes that enroll with a token, the example sine rune built, pushed, and rolled out to every
+device in two waves (a canary, then the rest; one wave for a single device) through signed
+commands, then a summary of what each device verified, installed and runs, and of the rollout.
 
 Rules:
 - Everything lives in one temporary directory, removed on exit (Ctrl-C included) unless `--keep`;
   every process it started is stopped on exit, however it exits.
-- Exit 0 only if every device verified, installed and is running the rune (its outputs appear in
-  the device's local sink); 1 if any did not, with the reason per device; 4 if a process of the
-  demo could not start. The demo never prints a traceback for something that went wrong in it.
+- Exit 0 only if the rollout completed and every device verified, installed and is running the
+  rune (its outputs appear in the device's local sink); 1 if any did not, with the reason per
+  device; 4 if a process of the demo could not start. The demo never prints a traceback for
+  something that went wrong in it.
 - "Running" is checked where the data is, on the device: the agent's output sink. No output
   leaves the device; only the deployment status goes to the controller.
 """
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
@@ -39,7 +41,9 @@ from fleet.client import ApiClient, ApiClientError, ControllerUnreachable
 EXAMPLE = "sine"
 EXAMPLE_VERSION = "0.1.0"
 START_TIMEOUT_S = 90.0
-TERMINAL = {"succeeded", "failed", "refused", "rolled-back", "done", "timed-out"}
+FOLLOW_TIMEOUT_S = 300.0
+DEMO_WAVES = "1,100%"  # a canary, then the rest
+DEMO_SOAK = "0"
 AGENT_RUN_CONFIG = {"input": {"kind": "random", "seed": 7}, "interval_s": 0.25}
 AGENT = "from agent.cli import main; main()"
 FLEETCTL = "from fleet.cli import main; main()"
@@ -54,7 +58,6 @@ class DeviceRow:
     index: int
     state_dir: Path
     id: str = ""
-    command: str = ""
     state: str = "enrolling"
     reason: str = ""
     active_rune: str | None = None
@@ -132,7 +135,9 @@ def run(ctx_console: Console, devices: int, keep: bool, as_json: bool) -> int:
             processes.stop_all()
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    ok = all(d["verified"] and d["installed"] and d["running"] for d in summary["devices"])
+    ok = summary["rollout"]["state"] == "completed" and all(
+        d["verified"] and d["installed"] and d["running"] for d in summary["devices"]
+    )
     if as_json:
         print(json.dumps(summary))
     else:
@@ -198,15 +203,22 @@ def _demo(
         _wait_online(api, rows)
     console.print(f"{count} agents enrolled and connected (each its own process and key)")
 
-    for row in rows:
-        command = _call(
-            api,
-            "POST",
-            f"/api/v1/devices/{row.id}/deploy",
-            json_body={"rune": f"{EXAMPLE}@{EXAMPLE_VERSION}"},
-        )
-        row.command, row.state = command["id"], command["state"]
-    _follow(console, api, rows)
+    rollout = _call(
+        api,
+        "POST",
+        "/api/v1/rollouts",
+        json_body={
+            "rune": f"{EXAMPLE}@{EXAMPLE_VERSION}",
+            "selector": {"demo": "yes"},
+            "waves": DEMO_WAVES if count > 1 else "100%",
+            "soak": DEMO_SOAK,
+        },
+    )
+    console.print(
+        f"rollout {rollout['id']} created: "
+        + ", then ".join(f"wave {w['wave']} {len(w['devices'])} device(s)" for w in rollout["plan"])
+    )
+    rollout = _follow(console, api, rollout["id"], rows)
     for row in rows:
         device = _call(api, "GET", f"/api/v1/devices/{row.id}")
         row.active_rune = device.get("active_rune")
@@ -216,6 +228,14 @@ def _demo(
         "controller": server,
         "broker": broker,
         "devices": [row.summary() for row in rows],
+        "rollout": {
+            "id": rollout["id"],
+            "state": rollout["state"],
+            "waves": [
+                {"wave": w["wave"], "size": w["size"], "counts": w["counts"]}
+                for w in rollout["waves"]
+            ],
+        },
         **({"admin_token": result.admin_token, "workdir": str(workdir)} if keep else {}),
     }
 
@@ -315,19 +335,33 @@ def _wait_online(api: ApiClient, rows: list[DeviceRow]) -> None:
     raise DemoError(f"not every agent connected to the broker within {START_TIMEOUT_S:.0f} s")
 
 
-def _follow(console: Console, api: ApiClient, rows: list[DeviceRow]) -> None:
-    deadline = time.monotonic() + 300
-    with Live(_table(rows), console=console, refresh_per_second=8, transient=False) as live:
-        while time.monotonic() < deadline:
+def _follow(console: Console, api: ApiClient, rollout_id: str, rows: list[DeviceRow]) -> Any:
+    """Show the rollout (its waves, then each device) until it ends; the final rollout."""
+    from fleet.rollout_cli import FINAL_ROLLOUT_STATES, rollout_view
+
+    path = f"/api/v1/rollouts/{rollout_id}"
+    deadline = time.monotonic() + FOLLOW_TIMEOUT_S
+    rollout = _call(api, "GET", path)
+    with Live(console=console, refresh_per_second=8, transient=False) as live:
+        while True:
+            rollout = _call(api, "GET", path)
+            by_id = {d["id"]: d for d in _call(api, "GET", f"{path}/devices")["devices"]}
             for row in rows:
-                if row.state not in TERMINAL:
-                    command = _call(api, "GET", f"/api/v1/commands/{row.command}")
-                    row.state, row.reason = command["state"], command["reason"]
-            live.update(_table(rows))
-            if all(row.state in TERMINAL for row in rows):
+                device = by_id.get(row.id)
+                if device is not None:
+                    row.state, row.reason = device["state"], device["reason"] or ""
+            live.update(Group(rollout_view(rollout, bar_width=24), _table(rows)))
+            # Nobody is there to resume a paused demo rollout: it ends the demo too.
+            if rollout["state"] in (*FINAL_ROLLOUT_STATES, "paused"):
                 break
+            if time.monotonic() > deadline:
+                raise DemoError(
+                    f"rollout {rollout_id} did not finish within {FOLLOW_TIMEOUT_S:.0f} s "
+                    f"(it is {rollout['state']})"
+                )
             time.sleep(0.25)
     console.print()
+    return rollout
 
 
 def _wait_running(rows: list[DeviceRow], timeout: float = 20.0) -> None:
@@ -350,11 +384,13 @@ def _count_outputs(state_dir: Path) -> int:
 
 
 def _table(rows: list[DeviceRow]) -> Table:
-    table = Table(title=f"deploying {EXAMPLE}@{EXAMPLE_VERSION}")
+    table = Table(title=f"devices ({EXAMPLE}@{EXAMPLE_VERSION})")
     for column in ("#", "device", "state", "reason"):
         table.add_column(column)
     for row in rows:
-        color = {"succeeded": "green", "failed": "red", "refused": "red"}.get(row.state, "yellow")
+        color = {"succeeded": "green", "pending": "dim"}.get(row.state, "yellow")
+        if row.state in ("failed", "rolled-back", "timed-out", "skipped"):
+            color = "red"
         table.add_row(str(row.index), row.id, f"[{color}]{row.state}[/{color}]", row.reason)
     return table
 

@@ -1,7 +1,8 @@
 """`fleetctl demo`, the README's main command, run as a user runs it.
 
 - `fleetctl demo --devices 2 -o json` exits 0 and prints one JSON object: every device verified,
-  installed and running the example rune, with its id, state and active rune; the temporary
+  installed and running the example rune, with its id, state and active rune, and the rollout
+  completed in two waves (the canary, then the other device); the temporary
   directory it worked in is gone afterwards and none of its processes are left.
 - Ctrl-C (SIGINT) in the middle stops every process the demo started and removes its files.
 """
@@ -59,6 +60,14 @@ def test_the_demo_deploys_to_every_device_and_cleans_up(tmp_path: Path) -> None:
         assert device["active_rune"] == "default/sine@0.1.0"
         assert device["verified"] and device["installed"] and device["running"], device
         assert device["outputs"] > 0
+    rollout = summary["rollout"]
+    assert rollout["id"].startswith("r-") and rollout["state"] == "completed", rollout
+    # A canary, then the rest: one device in each wave, both succeeded.
+    assert [(w["wave"], w["size"], w["counts"]["succeeded"]) for w in rollout["waves"]] == [
+        (1, 1, 1),
+        (2, 1, 1),
+    ], rollout
+    assert all(sum(w["counts"].values()) == w["size"] for w in rollout["waves"]), rollout
     assert "admin_token" not in summary
     assert list(tmp_path.iterdir()) == []
     assert _leftover_processes(str(tmp_path)) == []
