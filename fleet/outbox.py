@@ -3,9 +3,9 @@
 Rules:
 - A command is a `Command` row first (state `queued`); only then is it signed and published. A
   publish that fails leaves it queued for the next attempt; nothing is sent that is not stored.
-- Each (re)send is a fresh envelope: the device's next `command_seq` (allocated under a lock and
-  stored before signing), a new `iat`, and `exp` = now + `COMMAND_TTL_S`, never past the command's
-  deadline. Devices run a command id at most once, so re-sending is always safe.
+- Each (re)send is a fresh envelope: the device's next `command_seq` (allocated and stored in one
+  `UPDATE ... RETURNING` before signing), a new `iat`, and `exp` = now + `COMMAND_TTL_S`, never
+  past the command's deadline. Devices run a command id at most once, so re-sending is always safe.
 - A command that was published but not acknowledged (`received` or later) is sent again
   `RESEND_AFTER` after its last send, then after twice as long each time, up to `RESEND_MAX`:
   a device that is offline gets nothing from these sends (its session is clean, so the broker
@@ -26,15 +26,16 @@ Rules:
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from securesystemslib.signer import Signer
-from tortoise.expressions import F
+from tortoise import connections
+from tortoise.expressions import Case, F, When
 
 from attestation.keys import load_key_file
 from fleet.db.models import Command, Device
@@ -63,12 +64,26 @@ DEFAULT_DEADLINE = timedelta(hours=6)
 _ORDER = {QUEUED: 0, SENT: 1, **{s.value: 2 + i for i, s in enumerate(CommandState)}}
 
 Publish = Callable[[str, bytes], Awaitable[None]]
+_NEXT_SEQ = "UPDATE device SET command_seq = command_seq + 1 WHERE id = ? RETURNING command_seq"
+_NEXT_SEQ_PG = _NEXT_SEQ.replace("?", "$1")
 
 
 def resend_interval(attempts: int) -> timedelta:
     """How long after its last send an unacknowledged command is sent again."""
     interval: timedelta = RESEND_AFTER * 2 ** min(max(attempts - 1, 0), 10)
     return min(interval, RESEND_MAX)
+
+
+@dataclass(frozen=True)
+class CommandRequest:
+    """A command to store: for whom, what, by whom, how long it may take, and its id if fixed."""
+
+    device_id: str
+    type: MessageType
+    body: dict[str, Any]
+    created_by: str
+    deadline: timedelta = DEFAULT_DEADLINE
+    command_id: str | None = None
 
 
 class OutboxError(Exception):
@@ -95,7 +110,6 @@ class Outbox:
         self.signer = signer
         self.clock = clock
         self.publish: Publish | None = None
-        self._seq_lock = asyncio.Lock()
         self.on_change: Callable[[Command], None] = lambda _command: None
 
     async def enqueue(
@@ -116,27 +130,62 @@ class Outbox:
         recording never sends a command twice. Without `send` the command stays `queued` (the
         caller sends it once its transaction committed; `resend_due` sends it otherwise).
         """
-        if command_id is not None:
-            existing = await Command.get_or_none(id=command_id)
-            if existing is not None:
-                return existing
-        device = await Device.get_or_none(id=device_id)
-        if device is None or device.state != "enrolled":
-            raise OutboxError(f"device {device_id} is not enrolled")
-        now = self.clock()
-        command = await Command.create(
-            id=command_id or uuid.uuid4().hex,
-            device_id=device_id,
-            type=type_.value,
-            body=body,
-            state=QUEUED,
-            created_by=created_by,
-            deadline=now + deadline,
-        )
-        log("command.queued", command=command.id, device=device_id, type=type_.value)
-        if send:
+        request = CommandRequest(device_id, type_, body, created_by, deadline, command_id)
+        made, refused = await self.enqueue_many([request])
+        if refused:
+            raise OutboxError(refused[0][1])
+        command = made[0]
+        if send and command.state == QUEUED:
             await self.send(command)
         return command
+
+    async def enqueue_many(
+        self, requests: Sequence[CommandRequest]
+    ) -> tuple[list[Command], list[tuple[CommandRequest, str]]]:
+        """Store many commands, none sent, with a few statements whatever their number: the
+        commands (an existing one for a `command_id` already used, as `enqueue`), and the
+        requests refused with why (the device is not enrolled)."""
+        wanted = [r.command_id for r in requests if r.command_id is not None]
+        existing = {c.id: c for c in await Command.filter(id__in=wanted)} if wanted else {}
+        device_ids = list({r.device_id for r in requests})
+        enrolled = {
+            str(device_id)
+            for device_id in await Device.filter(id__in=device_ids, state="enrolled").values_list(
+                "id", flat=True
+            )
+        }
+        now = self.clock()
+        made: list[Command] = []
+        new: list[Command] = []
+        refused: list[tuple[CommandRequest, str]] = []
+        for request in requests:
+            found = existing.get(request.command_id or "")
+            if found is not None:
+                made.append(found)
+            elif request.device_id not in enrolled:
+                refused.append((request, f"device {request.device_id} is not enrolled"))
+            else:
+                command = Command(
+                    id=request.command_id or uuid.uuid4().hex,
+                    device_id=request.device_id,
+                    type=request.type.value,
+                    body=request.body,
+                    state=QUEUED,
+                    created_by=request.created_by,
+                    deadline=now + request.deadline,
+                    reason="",
+                    attempts=0,
+                    last_seq=0,
+                )
+                made.append(command)
+                new.append(command)
+        if new:
+            await Command.bulk_create(new)
+            for command in new:
+                command._saved_in_db = True  # bulk_create leaves it unset; a save() must UPDATE
+        for command in new:
+            log("command.queued", command=command.id, device=command.device_id, type=command.type)
+        return made, refused
 
     async def send(self, command: Command) -> bool:
         """Sign and publish `command` now; False (and still pending) if there is no broker link."""
@@ -161,9 +210,12 @@ class Outbox:
         # Field by field, and the state only from queued: a report may have moved this command on
         # since `command` was read, and a stale copy must never move it back.
         await Command.filter(id=command.id).update(
-            attempts=F("attempts") + 1, last_seq=seq, sent_at=now, updated_at=_wall_clock()
+            attempts=F("attempts") + 1,
+            last_seq=seq,
+            sent_at=now,
+            updated_at=_wall_clock(),
+            state=Case(When(state=QUEUED, then=SENT), default=F("state")),
         )
-        await Command.filter(id=command.id, state=QUEUED).update(state=SENT)
         command.attempts += 1
         command.last_seq = seq
         command.sent_at = now
@@ -274,12 +326,13 @@ class Outbox:
         return True
 
     async def _next_seq(self, device_id: str) -> int:
-        async with self._seq_lock:
-            await Device.filter(id=device_id).update(command_seq=F("command_seq") + 1)
-            device = await Device.get_or_none(id=device_id).only("id", "command_seq")
-            if device is None:
-                raise OutboxError(f"device {device_id} was removed")
-            return int(device.command_seq)
+        # One statement: the increment and the read cannot interleave with another send's.
+        connection = connections.get("default")
+        query = _NEXT_SEQ_PG if connection.capabilities.dialect == "postgres" else _NEXT_SEQ
+        rows = await connection.execute_query_dict(query, [device_id])
+        if not rows:
+            raise OutboxError(f"device {device_id} was removed")
+        return int(rows[0]["command_seq"])
 
 
 def _wall_clock() -> datetime:

@@ -35,14 +35,14 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from tortoise.transactions import in_transaction
 
 from fleet.db.models import Command, Device, RolloutDevice, Rune
 from fleet.db.models import Rollout as RolloutRow
 from fleet.logs import log
-from fleet.outbox import Outbox, OutboxError
+from fleet.outbox import CommandRequest, Outbox, OutboxError
 from fleet.rollout_metrics import RolloutMetrics
 from fleet.rollout_plan import (
     DEFAULT_WAVES,
@@ -563,7 +563,10 @@ async def device_list(rollout_id: str) -> dict[str, Any]:
     return {"devices": devices}
 
 
-def _chunks(items: list[str], size: int) -> list[list[str]]:
+Item = TypeVar("Item")
+
+
+def _chunks(items: Sequence[Item], size: int) -> list[Sequence[Item]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
@@ -612,21 +615,77 @@ async def persist(
         )
         if not changed:
             return None
+        notify: list[Notify] = []
         for decision in decisions:
+            if isinstance(decision, Notify):
+                notify.append(decision)
+                continue
+            await _notify(row, machine, notify, outbox, now, done)
+            notify = []
             await _execute(row, machine, decision, outbox, now, done)
+        await _notify(row, machine, notify, outbox, now, done)
     row.version += 1
     for name, value in fields.items():
         setattr(row, name, value)
     if metrics is not None:
         metrics.record(decisions)
-    for command in done.commands:
-        if command.state == "queued":
-            # Read again: `send` saves the state it holds, and a concurrent `resend_due` may have
-            # sent it (and the device answered) since.
-            fresh = await Command.get_or_none(id=command.id)
-            if fresh is not None and fresh.state == "queued":
-                await outbox.send(fresh)
+    queued = [command.id for command in done.commands if command.state == "queued"]
+    for chunk in _chunks(queued, 500):
+        # Read again: a concurrent `resend_due` may have sent one (and the device answered) since.
+        for fresh in await Command.filter(id__in=chunk, state="queued"):
+            await outbox.send(fresh)
     return done
+
+
+async def _notify(
+    row: RolloutRow,
+    machine: Rollout,
+    decisions: Sequence[Notify],
+    outbox: Outbox,
+    now: datetime,
+    done: Persisted,
+) -> None:
+    """Make the deploy commands of `decisions`, in a few statements per chunk of devices, after
+    recording what each device ran before the rollout first notified it."""
+    for chunk in _chunks(decisions, 500):
+        devices = list(dict.fromkeys(decision.device for decision in chunk))
+        links = {
+            str(link.device_id): link
+            for link in await RolloutDevice.filter(rollout_id=row.id, device_id__in=devices)
+        }
+        missing = [d for d in devices if d not in links]
+        if missing:
+            await RolloutDevice.bulk_create(
+                [RolloutDevice(rollout_id=row.id, device_id=d) for d in missing]
+            )
+        first = [d for d in devices if d not in links or links[d].notified_at is None]
+        previous: dict[str | None, list[str]] = {}
+        if first:
+            active = dict(await Device.filter(id__in=first).values_list("id", "active_rune"))
+            for device_id in first:
+                previous.setdefault(active.get(device_id), []).append(device_id)
+        for rune, group in previous.items():
+            await RolloutDevice.filter(rollout_id=row.id, device_id__in=group).update(
+                previous_rune=rune, notified_at=now
+            )
+        body = {"org": row.org, "name": row.rune_name, "version": row.rune_version}
+        deadline = timedelta(seconds=machine.options.device_timeout_s)
+        requests = [
+            CommandRequest(
+                decision.device,
+                MessageType.DEPLOY,
+                body,
+                f"rollout {row.id}",
+                deadline,
+                command_id(row.id, decision.device, decision.attempt),
+            )
+            for decision in chunk
+        ]
+        made, refused = await outbox.enqueue_many(requests)
+        done.commands += made
+        attempt = {r.command_id: d.attempt for r, d in zip(requests, chunk, strict=True)}
+        for request, why in refused:
+            done.unreachable.append((request.device_id, attempt[request.command_id], why))
 
 
 async def _execute(
@@ -639,26 +698,7 @@ async def _execute(
 ) -> None:
     deadline = timedelta(seconds=machine.options.device_timeout_s)
     by = f"rollout {row.id}"
-    if isinstance(decision, Notify):
-        link = await RolloutDevice.get_or_none(rollout_id=row.id, device_id=decision.device)
-        if link is None:
-            link = await RolloutDevice.create(rollout_id=row.id, device_id=decision.device)
-        if link.notified_at is None:
-            device = await Device.get_or_none(id=decision.device).only("id", "active_rune")
-            link.previous_rune = device.active_rune if device is not None else None
-            link.notified_at = now
-            await link.save(update_fields=["previous_rune", "notified_at"])
-        body = {"org": row.org, "name": row.rune_name, "version": row.rune_version}
-        cid = command_id(row.id, decision.device, decision.attempt)
-        try:
-            command = await outbox.enqueue(
-                decision.device, MessageType.DEPLOY, body, by, deadline, command_id=cid, send=False
-            )
-        except OutboxError as exc:
-            done.unreachable.append((decision.device, decision.attempt, str(exc)))
-            return
-        done.commands.append(command)
-    elif isinstance(decision, SendRollback):
+    if isinstance(decision, SendRollback):
         link = await RolloutDevice.get_or_none(rollout_id=row.id, device_id=decision.device)
         previous = link.previous_rune if link is not None else None
         cid = command_id(row.id, decision.device, ROLLBACK_SUFFIX)
