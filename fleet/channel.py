@@ -26,6 +26,13 @@ Rules:
   times out what passed its deadline (`Outbox.resend_due`) every `RESEND_INTERVAL_S`.
 - The link reconnects forever with full-jitter exponential backoff; the API keeps working while
   the broker is away (commands stay queued).
+- Presence (`Device.online`) is only as good as the link: a broker that shuts down delivers every
+  device's last will (`offline`) before it drops the controller, and while the link is down no
+  presence arrives at all. `presence_known()` says whether the stored flags can be trusted: not
+  while the link is down, nor for `PRESENCE_SETTLE_S` after a reconnection (the devices, which
+  reconnect with their own backoff, need that long to say `online` again); at once on the first
+  connection, where the broker's retained presence arrives with the subscription. The rollout
+  scheduler waits for it before it notifies or skips a device as offline.
 - The session is clean, under a random client id: replicas and overlapping reconnects must not
   take each other's session over (docs/broker.md), and the embedded broker keeps no session
   anyway. So what devices publish while the controller is away from the broker (its restart, a
@@ -47,7 +54,7 @@ import ssl
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -75,6 +82,7 @@ from ota.protocol import (
 RESEND_INTERVAL_S = 5.0
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
+PRESENCE_SETTLE_S = 10.0
 CLIENT_ID = "fleet-controller"
 DISPATCH_WORKERS = 8
 DISPATCH_QUEUE_SIZE = 256
@@ -148,6 +156,8 @@ class BrokerLink:
         self._client: aiomqtt.Client | None = None
         self._rng = random.Random()
         self._was_up = False
+        self._sessions = 0
+        self._up_since: datetime | None = None
         if workers < 1 or queue_size < 1:
             raise ValueError("the link needs at least one worker with room for one message")
         self._queues: list[asyncio.Queue[tuple[str, bytes, bool]]] = [
@@ -157,6 +167,13 @@ class BrokerLink:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="broker-link")
+
+    def presence_known(self) -> bool:
+        """Whether the devices' stored `online` flags can be trusted now (see Rules)."""
+        if self._up_since is None:
+            return False
+        settled = self.clock() - self._up_since >= timedelta(seconds=PRESENCE_SETTLE_S)
+        return self._sessions == 1 or settled
 
     async def stop(self) -> None:
         self.outbox.publish = None
@@ -186,6 +203,7 @@ class BrokerLink:
             except (OSError, ssl.SSLError) as exc:
                 log("broker.unreachable", error=str(exc))
             self.connected.clear()
+            self._up_since = None
             self.outbox.publish = None
             attempt = 0 if self._was_up else attempt + 1
             cap = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(attempt, 16))
@@ -212,6 +230,8 @@ class BrokerLink:
 
             self.outbox.publish = publish
             self._was_up = True
+            self._sessions += 1
+            self._up_since = self.clock()
             self.connected.set()
             self.metrics.broker_connections.inc()
             log("broker.connected", url=redact(self.settings.url))

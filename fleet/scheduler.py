@@ -20,9 +20,15 @@ Rules:
   out is left to the machine's own deadline, which is the same.
 - Each pass feeds the events that arrived, ticks each rollout whose `next_wake()` has come (and
   at least every `TICK_S` while it runs), and persists what changed with what it decided, in one
-  transaction (`rollout_service.persist`). If the row changed under it, it reloads (recovering
-  from the command table again) and decides anew, so no event is lost and no device notified
-  twice.
+  transaction (`rollout_service.persist`). Passes start at most every `PASS_MIN_S` (wall time),
+  so a burst of reports costs one write of the rollout, not one per report; what is not yet
+  written is not lost, since loading replays the commands' states. If the row changed under
+  it, it reloads (recovering from the command table again) and decides anew, so no event is
+  lost and no device notified twice.
+- It ticks only while `presence_known()` (the broker link's: `fleet.channel`) says the devices'
+  `online` flags can be trusted. A broker that restarts delivers every device's last will first,
+  and a tick then would skip every pending device as offline and maybe end the rollout
+  `completed` without them; reports are still fed meanwhile.
 - Time is the outbox's clock, as POSIX seconds.
 """
 
@@ -31,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -70,6 +77,7 @@ TICK_S = 1.0
 POLL_S = 2.0
 ERROR_PAUSE_S = 2.0
 OBSERVE_S = 1.0
+PASS_MIN_S = 0.2
 
 
 @dataclass
@@ -88,10 +96,13 @@ class Scheduler:
         clock: Callable[[], datetime],
         db_url: str,
         metrics: RolloutMetrics | None = None,
+        presence_known: Callable[[], bool] = lambda: True,
     ) -> None:
         self.outbox = outbox
         self.metrics = metrics
+        self.presence_known = presence_known
         self._last_observed = 0.0
+        self._last_pass = 0.0
         self.clock = clock
         self.db_url = db_url
         self.rollouts: dict[str, Loaded] = {}
@@ -201,6 +212,10 @@ class Scheduler:
 
     async def _lead(self) -> None:
         while not self._lock_lost:
+            # Reports arrive in bursts (each device sends several states): gather them, since
+            # every pass that changes a rollout writes its whole state.
+            await asyncio.sleep(max(self._last_pass + PASS_MIN_S - time.monotonic(), 0.0))
+            self._last_pass = time.monotonic()
             now = self.clock().timestamp()
             if now - self._last_refresh >= REFRESH_S:
                 self._last_refresh = now
@@ -209,17 +224,21 @@ class Scheduler:
                 self._last_poll = now
                 await self._poll_commands()
             fleet: FleetData | None = None
+            # No tick while presence is unknown (the broker away, or just back): it would skip
+            # every device as offline. Events are still fed.
+            ticking = self.presence_known()
             for rollout_id in list(self.rollouts):
                 loaded = self.rollouts[rollout_id]
-                if self._due(loaded, now) and fleet is None:
+                if ticking and self._due(loaded, now) and fleet is None:
                     fleet = await FleetData.load()
                 await self._pass(loaded, fleet)
             self._observe(now)
             self._wake.clear()
             if any(loaded.events or loaded.failed for loaded in self.rollouts.values()):
                 continue
+            sleep = self._sleep_for(now) if ticking else min(REFRESH_S, POLL_S)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._sleep_for(now))
+                await asyncio.wait_for(self._wake.wait(), sleep)
 
     def _observe(self, now: float, force: bool = False) -> None:
         """Refresh the rollout gauges, at most every `OBSERVE_S`."""

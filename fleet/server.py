@@ -121,7 +121,9 @@ async def running_controller(
         site = web.TCPSite(runner, host, port)
         await site.start()
         link.start()
-        scheduler = Scheduler(outbox, clock, url, ctl.metrics.rollouts)
+        scheduler = Scheduler(
+            outbox, clock, url, ctl.metrics.rollouts, presence_known=link.presence_known
+        )
         ctl.scheduler = scheduler
         scheduler.start()
         bound = runner.addresses[0]

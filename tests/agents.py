@@ -4,7 +4,8 @@
   output goes to `agent.log` there), `stop()` sends SIGTERM (SIGKILL after 15 s), `kill()` is the
   crash. `channel()` is its persisted channel state, `slots_state()` what its slots hold.
 - `enroll_agents(ctl, tmp, count)` enrolls `count` devices with one token, each with an
-  `agent.yaml` that runs the active rune on random input, and returns them stopped.
+  `agent.yaml` that runs the active rune on random input (plus the owner's `policy` settings,
+  with the `labels` asked for), and returns them stopped.
 - `broker_url(ctl)` is the device broker address the controller printed at start.
 - `deploy(ctl, device_id, ref)` is `fleetctl devices deploy --wait -o json`; `get`/`post` are the
   REST API, asserting success.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,17 +73,29 @@ class AgentProcess:
         return json.dumps([state.get("active"), state.get("previous"), held])
 
 
-def enroll_agents(ctl: RunningController, tmp: Path, count: int) -> list[AgentProcess]:
-    """`count` devices enrolled with one token (state dirs `tmp/device-N`), not started."""
+def enroll_agents(
+    ctl: RunningController,
+    tmp: Path,
+    count: int,
+    *,
+    prefix: str = "device",
+    labels: Mapping[str, str] | None = None,
+    policy: Mapping[str, Any] | None = None,
+    interval_s: float = 0.2,
+) -> list[AgentProcess]:
+    """`count` devices enrolled with one token (state dirs `tmp/{prefix}-N`), not started.
+
+    `labels` are asked for at enrollment (`--label k=v`); `policy` is merged into each device's
+    `agent.yaml` (the owner's settings: `health_check_calls`, `probation`...)."""
     token = post(ctl, "/api/v1/enrollment-tokens", {"uses": count, "ttl_s": 600})["token"]
+    asked = [arg for k, v in (labels or {}).items() for arg in ("--label", f"{k}={v}")]
     agents = []
     for index in range(count):
-        state_dir = tmp / f"device-{index}"
+        state_dir = tmp / f"{prefix}-{index}"
         state_dir.mkdir()
-        (state_dir / "agent.yaml").write_text(
-            yaml.safe_dump({"run": {"input": {"kind": "random", "seed": 1}, "interval_s": 0.2}})
-        )
-        enrolled = ctl.enroll(state_dir, token=token)
+        run = {"input": {"kind": "random", "seed": 1}, "interval_s": interval_s}
+        (state_dir / "agent.yaml").write_text(yaml.safe_dump({**(policy or {}), "run": run}))
+        enrolled = ctl.enroll(state_dir, *asked, token=token)
         assert enrolled.returncode == 0, enrolled.stderr
         agents.append(AgentProcess(state_dir, json.loads(enrolled.stdout)["device_id"]))
     return agents

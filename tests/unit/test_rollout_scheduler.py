@@ -203,3 +203,41 @@ async def test_a_scheduler_that_dies_is_resumed_without_losing_reports_or_notify
     devices = await rollout_service.device_list(rid)
     states = {d["id"]: (d["state"], d["reason"]) for d in devices["devices"]}
     assert states[offline] == ("skipped", "offline")
+
+
+async def test_no_device_is_notified_or_skipped_while_presence_is_unknown(fleet: Fleet) -> None:
+    """The broker away (or just back): every device looks offline, so a tick would skip them all
+    and end the rollout `completed` without them. The scheduler waits for presence instead."""
+    await _rune("app", "1.0.0")
+    devices = [await _device(online=False, suite="presence") for _ in range(3)]
+    created = await rollout_service.create(
+        {"rune": "app@1.0.0", "selector": {"suite": "presence"}, "waves": "100%", "soak": "0"},
+        "test",
+        utcnow(),
+    )
+    rid = created["id"]
+    known = False
+    scheduler = Scheduler(fleet.outbox, utcnow, fleet.db_url, presence_known=lambda: known)
+    scheduler.start()
+    try:
+        await asyncio.sleep(2.5)  # several refreshes, passes and ticks' worth
+        shown = await rollout_service.show(rid, utcnow())
+        assert shown["state"] == "scheduled" and shown["counts"]["skipped"] == 0, shown
+        assert rid in scheduler.rollouts  # loaded, and waiting
+        assert await Command.filter(id__startswith=f"{rid}.").count() == 0
+        # The devices say `online` again, and then presence is known.
+        await Device.filter(id__in=devices).update(online=True)
+        known = True
+
+        async def notified() -> int:
+            return await Command.filter(id__startswith=f"{rid}.").count()
+
+        assert await _until(lambda: _at_least(notified, len(devices)))
+    finally:
+        await scheduler.stop()
+    shown = await rollout_service.show(rid, utcnow())
+    assert shown["counts"]["skipped"] == 0 and shown["counts"]["notified"] == len(devices), shown
+
+
+async def _at_least(count: Callable[[], Any], n: int) -> bool:
+    return bool(await count() >= n)
