@@ -49,10 +49,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 import ssl
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -62,11 +63,12 @@ from urllib.parse import urlsplit
 import aiomqtt
 from prometheus_client import CollectorRegistry, Counter
 from securesystemslib.signer import Key
+from tortoise.transactions import in_transaction
 
-from fleet.db import redact
+from fleet.db import redact, sql
 from fleet.db.models import Device
 from fleet.logs import log
-from fleet.outbox import Outbox
+from fleet.outbox import Outbox, Report
 from ota.protocol import (
     CONTROLLER,
     Channel,
@@ -86,7 +88,13 @@ PRESENCE_SETTLE_S = 10.0
 CLIENT_ID = "fleet-controller"
 DISPATCH_WORKERS = 8
 DISPATCH_QUEUE_SIZE = 256
+BATCH_MAX = 256
+PUBLISH_PENDING_WARNING = 2 * sql.CHUNK
 _SEQ_FIELD = {Channel.STATUS: "status_seq", Channel.PRESENCE: "presence_seq"}
+# What is recorded in runs (one transaction, one UPDATE per device and stream): the messages whose
+# recorded fields are plain columns. A hello (its JSON `last_hello`, a reconciliation) or a
+# security event is recorded and acted on alone, in its place.
+_IN_RUNS = frozenset({MessageType.STATUS, MessageType.PRESENCE})
 
 
 class ChannelMetrics:
@@ -119,6 +127,16 @@ class ChannelMetrics:
             "Times the controller (re)connected to the broker",
             registry=registry,
         )
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A device message whose envelope verified, not yet checked against the stored seq."""
+
+    device_id: str
+    topic: str
+    field: str  # the device column holding its stream's last seq
+    message: Message
 
 
 @dataclass(frozen=True)
@@ -222,6 +240,9 @@ class BrokerLink:
             tls_context=self._tls_context() if url.scheme == "mqtts" else None,
             max_queued_outgoing_messages=100_000,
         ) as client:
+            # aiomqtt warns from 10 publishes awaiting their PUBACK; a wave's commands are
+            # published together (`Outbox.send_many`), so warn only past that.
+            client.pending_calls_threshold = PUBLISH_PENDING_WARNING
             for topic_filter in device_subscriptions(self.settings.share_group):
                 await client.subscribe(topic_filter, qos=1)
 
@@ -273,7 +294,7 @@ class BrokerLink:
         """Hand one message to its device's worker, waiting while that worker's queue is full."""
         parsed = parse_topic(topic_name)
         if parsed is None or parsed[1] not in _SEQ_FIELD:
-            return  # not a device topic the link handles; `handle` would ignore it too
+            return  # not a device topic the link handles; `handle_batch` would ignore it too
         if not self._workers:
             self._workers = [
                 asyncio.create_task(self._work(queue), name=f"broker-link-worker-{n}")
@@ -289,18 +310,40 @@ class BrokerLink:
 
     async def _work(self, queue: asyncio.Queue[tuple[str, bytes, bool]]) -> None:
         while True:
-            topic_name, data, retained = await queue.get()
+            batch = [await queue.get()]
+            while len(batch) < BATCH_MAX and not queue.empty():
+                batch.append(queue.get_nowait())
             try:
-                await self.handle(topic_name, data, retained)
-            except Exception as exc:  # one bad message must not end the worker
-                log("channel.handler_failed", topic=topic_name, error=repr(exc))
+                await self.handle_batch(batch)
+            except Exception as exc:  # a batch that fails (the database away) must not end it
+                log("channel.handler_failed", messages=len(batch), error=repr(exc))
             finally:
-                queue.task_done()
+                for _ in batch:
+                    queue.task_done()
 
-    # -- one message -------------------------------------------------------------------------
+    # -- messages ----------------------------------------------------------------------------
 
-    async def handle(self, topic_name: str, data: bytes, retained: bool = False) -> Message | None:
-        """Check one device message and act on it; refusals are counted, never raised."""
+    async def handle_batch(self, items: Sequence[tuple[str, bytes, bool]]) -> list[Message]:
+        """Check device messages (topic, data, retained), in the order the broker delivered
+        them, and act on them; the accepted ones. Refusals are counted, never raised."""
+        opened = [item for item in [await self._open(t, d) for t, d, _ in items] if item]
+        accepted: list[Opened] = []
+        run: list[Opened] = []
+        for item in opened:
+            if item.message.type in _IN_RUNS:
+                run.append(item)
+                continue
+            accepted += await self._accept_run(run)
+            run = []
+            if await self._record_one(item):
+                accepted.append(item)
+                self.metrics.received.labels(item.message.type.value).inc()
+                await self._act(item)
+        accepted += await self._accept_run(run)
+        return [item.message for item in accepted]
+
+    async def _open(self, topic_name: str, data: bytes) -> Opened | None:
+        """The message, if its envelope verifies for the device it claims to come from."""
         parsed = parse_topic(topic_name)
         if parsed is None:
             return None
@@ -314,58 +357,95 @@ class BrokerLink:
             key = await self.device_key(claimed)
             if key is not None:
                 keys[claimed] = key
-        now = self.clock()
         try:
-            # The seq is checked by the conditional update below, against the stored one.
+            # The seq is checked when the message is recorded, against the stored one.
             message = open_message(
                 data,
                 audience=CONTROLLER,
                 channel=channel,
                 key_for=keys.get,
                 last_seq=lambda _iss: 0,
-                now=now.timestamp(),
+                now=self.clock().timestamp(),
                 topic_sender=device_id,
             )
         except Refusal as refusal:
             self._refuse(refusal, device_id, topic_name)
             return None
-        advanced = await Device.filter(id=device_id, **{f"{field}__lt": message.seq}).update(
-            **{field: message.seq, "last_seen_at": now}, **_recorded(message)
-        )
-        if not advanced:
-            stored = await Device.filter(id=device_id).only("id", field).first()
-            last = int(getattr(stored, field)) if stored is not None else None
-            if message.seq == last:
-                self.metrics.duplicates.inc()
-                return None
-            reason = f"seq {message.seq} is not above {last}" if last is not None else "no device"
-            self._refuse(Refusal("replayed", reason), device_id, topic_name)
-            return None
-        self.metrics.received.labels(message.type.value).inc()
-        await self._act(device_id, message)
-        return message
+        return Opened(device_id, topic_name, field, message)
 
-    async def _act(self, device_id: str, message: Message) -> None:
+    async def _accept_run(self, run: Sequence[Opened]) -> list[Opened]:
+        """Record a run of status reports and presence in one transaction, then act on them."""
+        if not run:
+            return []
+        streams: dict[tuple[str, str], list[Opened]] = {}
+        for item in run:
+            streams.setdefault((item.device_id, item.field), []).append(item)
+        now = self.clock()
+        accepted: list[Opened] = []
+        async with in_transaction():
+            for (device_id, field), items in streams.items():
+                seqs = [item.message.seq for item in items]
+                if all(a < b for a, b in itertools.pairwise(seqs)):
+                    recorded: dict[str, Any] = {}
+                    for item in items:
+                        recorded.update(_recorded(item.message))
+                    columns = {field: seqs[-1], "last_seen_at": now, **recorded}
+                    rows = await sql.fetch(
+                        f"UPDATE device SET {', '.join(f'{c} = ?' for c in columns)} "  # noqa: S608
+                        f"WHERE id = ? AND {field} < ? RETURNING id",
+                        [*columns.values(), device_id, seqs[0]],
+                    )
+                    if rows:
+                        accepted += items
+                        continue
+                # Some were seen before, or are out of order: one at a time, as they came.
+                accepted += [item for item in items if await self._record_one(item, now)]
+        reports = []
+        for item in accepted:
+            self.metrics.received.labels(item.message.type.value).inc()
+            body = item.message.body
+            command = body.get("command_id")
+            if item.message.type is MessageType.STATUS and isinstance(command, str):
+                reason = str(body.get("reason", ""))
+                reports.append(Report(item.device_id, command, str(body.get("state")), reason))
+            else:
+                await self._act(item)
+        await self.outbox.report_many(reports)
+        return accepted
+
+    async def _record_one(self, item: Opened, now: datetime | None = None) -> bool:
+        """Advance the stream's seq to this message's and record what it says, if it is new."""
+        message, field, device_id = item.message, item.field, item.device_id
+        advanced = await Device.filter(id=device_id, **{f"{field}__lt": message.seq}).update(
+            **{field: message.seq, "last_seen_at": now or self.clock()}, **_recorded(message)
+        )
+        if advanced:
+            return True
+        stored = await Device.filter(id=device_id).only("id", field).first()
+        last = int(getattr(stored, field)) if stored is not None else None
+        if message.seq == last:
+            self.metrics.duplicates.inc()
+            return False
+        reason = f"seq {message.seq} is not above {last}" if last is not None else "no device"
+        self._refuse(Refusal("replayed", reason), device_id, item.topic)
+        return False
+
+    async def _act(self, item: Opened) -> None:
         """What an accepted message does beyond the device row `_recorded` already updated."""
+        device_id, message = item.device_id, item.message
         body = message.body
         if message.type is MessageType.PRESENCE:
             log("device.presence", device=device_id, online=body.get("online") is True)
         elif message.type is MessageType.HELLO:
             resent = await self.outbox.reconcile(device_id, body)
             log("device.hello", device=device_id, resent=resent)
-        elif message.type is MessageType.STATUS:
-            command = body.get("command_id")
-            if isinstance(command, str):
-                await self.outbox.report(
-                    device_id, command, str(body.get("state")), str(body.get("reason", ""))
-                )
-            else:
-                log(
-                    "device.rune_changed",
-                    device=device_id,
-                    state=str(body.get("state")),
-                    reason=str(body.get("reason", ""))[:200],
-                )
+        elif message.type is MessageType.STATUS:  # one a command's report is not
+            log(
+                "device.rune_changed",
+                device=device_id,
+                state=str(body.get("state")),
+                reason=str(body.get("reason", ""))[:200],
+            )
         elif message.type is MessageType.SECURITY:
             kind = str(body.get("kind", "unknown"))[:32]
             self.metrics.device_security_events.labels(kind).inc()

@@ -2,10 +2,13 @@
 
 Rules:
 - A command is a `Command` row first (state `queued`); only then is it signed and published. A
-  publish that fails leaves it queued for the next attempt; nothing is sent that is not stored.
-- Each (re)send is a fresh envelope: the device's next `command_seq` (allocated and stored in one
-  `UPDATE ... RETURNING` before signing), a new `iat`, and `exp` = now + `COMMAND_TTL_S`, never
-  past the command's deadline. Devices run a command id at most once, so re-sending is always safe.
+  publish that fails leaves it to be sent again; nothing is sent that is not stored.
+- Each (re)send is a fresh envelope: the device's next `command_seq` (allocated and stored before
+  signing), a new `iat`, and `exp` = now + `COMMAND_TTL_S`, never past the command's deadline.
+  Devices run a command id at most once, so re-sending is always safe.
+- A send first claims the command: its `attempts` is advanced only if it is still what the
+  sender read, so two senders holding the same copy (a rollout publishing the wave it just
+  queued, and `resend_due` finding it queued) publish it once.
 - A command that was published but not acknowledged (`received` or later) is sent again
   `RESEND_AFTER` after its last send, then after twice as long each time, up to `RESEND_MAX`:
   a device that is offline gets nothing from these sends (its session is clean, so the broker
@@ -22,22 +25,26 @@ Rules:
   in the database, never a save of a copy read earlier, so concurrent handlers (a re-send, a
   report, a time-out) cannot move a command back. A command whose deadline passes unfinished
   becomes `timed-out`, so every command ends.
+- Many commands are sent, and many reports applied, with a few statements per `sql.CHUNK`
+  commands, whatever their number (`send_many`, `report_many`); `on_change` hears of each change
+  once it is committed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from securesystemslib.signer import Signer
-from tortoise import connections
-from tortoise.expressions import Case, F, When
+from tortoise.transactions import in_transaction
 
 from attestation.keys import load_key_file
+from fleet.db import sql
 from fleet.db.models import Command, Device
 from fleet.logs import log
 from ota.protocol import (
@@ -61,11 +68,11 @@ DEVICE_STATES = frozenset(s.value for s in CommandState)
 RESEND_AFTER = timedelta(seconds=30)
 RESEND_MAX = timedelta(minutes=10)
 DEFAULT_DEADLINE = timedelta(hours=6)
+DEADLINE_PASSED = "the deadline passed before the device finished"
 _ORDER = {QUEUED: 0, SENT: 1, **{s.value: 2 + i for i, s in enumerate(CommandState)}}
+_TERMINAL_LIST = sorted(TERMINAL)
 
 Publish = Callable[[str, bytes], Awaitable[None]]
-_NEXT_SEQ = "UPDATE device SET command_seq = command_seq + 1 WHERE id = ? RETURNING command_seq"
-_NEXT_SEQ_PG = _NEXT_SEQ.replace("?", "$1")
 
 
 def resend_interval(attempts: int) -> timedelta:
@@ -84,6 +91,26 @@ class CommandRequest:
     created_by: str
     deadline: timedelta = DEFAULT_DEADLINE
     command_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a device said about one of its commands."""
+
+    device_id: str
+    command_id: str
+    state: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class CommandChange:
+    """A command that moved to `state` (what `on_change` hears, after the change committed)."""
+
+    id: str
+    device_id: str
+    state: str
+    reason: str
 
 
 class OutboxError(Exception):
@@ -110,7 +137,7 @@ class Outbox:
         self.signer = signer
         self.clock = clock
         self.publish: Publish | None = None
-        self.on_change: Callable[[Command], None] = lambda _command: None
+        self.on_change: Callable[[CommandChange], None] = lambda _change: None
 
     async def enqueue(
         self,
@@ -188,92 +215,178 @@ class Outbox:
         return made, refused
 
     async def send(self, command: Command) -> bool:
-        """Sign and publish `command` now; False (and still pending) if there is no broker link."""
-        if self.publish is None or command.state in TERMINAL:
-            return False
+        """Sign and publish `command` now; False (and still pending) if it was not published."""
+        return await self.send_many([command]) == 1
+
+    async def send_many(self, commands: Iterable[Command]) -> int:
+        """Sign and publish `commands` now, each device's in the order given; how many were
+        published. Nothing is sent without a broker link; a command past its deadline times out;
+        one another sender claimed since it was read is left to that sender."""
+        publish = self.publish
+        if publish is None:
+            return 0
         now = self.clock()
-        if command.deadline <= now:
-            await self._finish(command, TIMED_OUT, "the deadline passed before the device finished")
-            return False
-        seq = await self._next_seq(command.device_id)
-        expires = min(now + timedelta(seconds=COMMAND_TTL_S), command.deadline)
-        message = Message(
-            CONTROLLER,
-            command.device_id,
-            seq,
-            now.timestamp(),
-            expires.timestamp(),
-            MessageType(command.type),
-            {**command.body, "command_id": command.id},
+        pending: list[Command] = []
+        for command in commands:
+            if command.state in TERMINAL:
+                continue
+            if command.deadline <= now:
+                await self._finish(command, TIMED_OUT, DEADLINE_PASSED)
+            else:
+                pending.append(command)
+        published = 0
+        while pending:
+            # One command per device in a round: each takes the device's next seq.
+            chunk: list[Command] = []
+            later: list[Command] = []
+            devices: set[str] = set()
+            for command in pending:
+                fits = command.device_id not in devices and len(chunk) < sql.CHUNK
+                (chunk if fits else later).append(command)
+                devices.add(command.device_id)
+            pending = later
+            published += await self._publish(await self._claim(chunk, now), now, publish)
+        return published
+
+    async def _claim(self, commands: Sequence[Command], now: datetime) -> list[tuple[Command, int]]:
+        """Claim `commands` for one send each (one device each) and give each its seq."""
+        by_attempts: dict[int, list[str]] = {}
+        for command in commands:
+            by_attempts.setdefault(command.attempts, []).append(command.id)
+        claimed: set[str] = set()
+        async with in_transaction():
+            for attempts, ids in by_attempts.items():
+                rows = await sql.fetch(
+                    "UPDATE command SET attempts = attempts + 1, sent_at = ?, updated_at = ?, "  # noqa: S608
+                    "state = CASE WHEN state = ? THEN ? ELSE state END "
+                    f"WHERE id IN ({sql.marks(len(ids))}) AND attempts = ? "
+                    f"AND state NOT IN ({sql.marks(len(_TERMINAL_LIST))}) RETURNING id",
+                    [now, _wall_clock(), QUEUED, SENT, *ids, attempts, *_TERMINAL_LIST],
+                )
+                claimed.update(str(row["id"]) for row in rows)
+            mine = [command for command in commands if command.id in claimed]
+            if not mine:
+                return []
+            rows = await sql.fetch(
+                "UPDATE device SET command_seq = command_seq + 1 "  # noqa: S608
+                f"WHERE id IN ({sql.marks(len(mine))}) RETURNING id, command_seq",
+                [command.device_id for command in mine],
+            )
+            seqs = {str(row["id"]): int(row["command_seq"]) for row in rows}
+            await sql.execute_many(
+                "UPDATE command SET last_seq = ? WHERE id = ?",
+                [(seqs[c.device_id], c.id) for c in mine if c.device_id in seqs],
+            )
+        out = []
+        for command in mine:
+            command.attempts += 1
+            command.sent_at = now
+            if command.state == QUEUED:
+                command.state = SENT
+            seq = seqs.get(command.device_id)
+            if seq is None:
+                log("command.publish_failed", command=command.id, error="the device was removed")
+                continue
+            command.last_seq = seq
+            out.append((command, seq))
+        return out
+
+    async def _publish(
+        self, claimed: Sequence[tuple[Command, int]], now: datetime, publish: Publish
+    ) -> int:
+        signer = self.signer()
+        envelopes = []
+        for command, seq in claimed:
+            expires = min(now + timedelta(seconds=COMMAND_TTL_S), command.deadline)
+            message = Message(
+                CONTROLLER,
+                command.device_id,
+                seq,
+                now.timestamp(),
+                expires.timestamp(),
+                MessageType(command.type),
+                {**command.body, "command_id": command.id},
+            )
+            envelopes.append((command, seal_message(message, signer)))
+        results = await asyncio.gather(
+            *(publish(topic(c.device_id, Channel.CMD), data) for c, data in envelopes),
+            return_exceptions=True,
         )
-        data = seal_message(message, self.signer())
-        # Field by field, and the state only from queued: a report may have moved this command on
-        # since `command` was read, and a stale copy must never move it back.
-        await Command.filter(id=command.id).update(
-            attempts=F("attempts") + 1,
-            last_seq=seq,
-            sent_at=now,
-            updated_at=_wall_clock(),
-            state=Case(When(state=QUEUED, then=SENT), default=F("state")),
-        )
-        command.attempts += 1
-        command.last_seq = seq
-        command.sent_at = now
-        if command.state == QUEUED:
-            command.state = SENT
-        try:
-            await self.publish(topic(command.device_id, Channel.CMD), data)
-        except Exception as exc:  # the broker link reports it; the command stays pending
-            log("command.publish_failed", command=command.id, error=str(exc))
-            return False
-        return True
+        published = 0
+        for (command, _), result in zip(envelopes, results, strict=True):
+            if isinstance(result, BaseException):  # the broker link reports it; sent again later
+                log("command.publish_failed", command=command.id, error=str(result))
+            else:
+                published += 1
+        return published
 
     async def resend_due(self) -> int:
         """Re-send what was not acknowledged in time and time out what passed its deadline."""
         now = self.clock()
-        count = 0
-        for command in await Command.filter(
-            state__in=sorted(UNACKED - {QUEUED}), sent_at__lt=now - RESEND_AFTER
-        ):
-            due = now - resend_interval(command.attempts)
-            if command.sent_at is None or command.sent_at <= due:
-                count += await self.send(command)
-        for command in await Command.filter(state=QUEUED):
-            count += await self.send(command)
-        for command in await Command.filter(state__not_in=sorted(TERMINAL), deadline__lte=now):
-            await self._finish(command, TIMED_OUT, "the deadline passed before the device finished")
+        unacked = await Command.filter(state=SENT, sent_at__lt=now - RESEND_AFTER)
+        due = [
+            command
+            for command in unacked
+            if command.sent_at is None or command.sent_at <= now - resend_interval(command.attempts)
+        ]
+        count = await self.send_many(due)
+        count += await self.send_many(await Command.filter(state=QUEUED).order_by("created_at"))
+        for command in await Command.filter(state__not_in=_TERMINAL_LIST, deadline__lte=now):
+            await self._finish(command, TIMED_OUT, DEADLINE_PASSED)
         return count
 
     async def resend_all(self, device_id: str | None = None) -> int:
         """Send every unfinished command again (after a reconnect, or for one device's hello)."""
-        query = Command.filter(state__not_in=sorted(TERMINAL))
+        query = Command.filter(state__not_in=_TERMINAL_LIST)
         if device_id is not None:
             query = query.filter(device_id=device_id)
-        count = 0
-        for command in await query.order_by("created_at"):
-            count += await self.send(command)
-        return count
+        return await self.send_many(await query.order_by("created_at"))
 
     async def report(self, device_id: str, command_id: str, state: str, reason: str) -> bool:
         """A device's report on one of its commands; False if it was ignored."""
-        if state not in DEVICE_STATES:
-            return False
-        command = await Command.get_or_none(id=command_id, device_id=device_id)
-        if command is None or command.state in TERMINAL:
-            return False
-        if state not in TERMINAL and _ORDER[state] <= _ORDER.get(command.state, 0):
-            return False
-        if state in TERMINAL:
-            return await self._finish(command, state, reason)
-        earlier = [known for known, order in _ORDER.items() if order < _ORDER[state]]
-        moved = await Command.filter(id=command.id, state__in=earlier).update(
-            state=state, updated_at=_wall_clock()
-        )
-        if not moved:
-            return False
-        command.state = state
-        self.on_change(command)
-        return True
+        return bool(await self.report_many([Report(device_id, command_id, state, reason)]))
+
+    async def report_many(self, reports: Sequence[Report]) -> list[CommandChange]:
+        """Devices' reports, in the order they arrived; the changes they made.
+
+        A command moves to the furthest state its reports name (the first terminal one ends it),
+        with one statement per new state and reason, whatever the number of commands.
+        """
+        wanted = [r for r in reports if r.state in DEVICE_STATES]
+        ids = list(dict.fromkeys(r.command_id for r in wanted))
+        stored: dict[str, tuple[str, str]] = {}
+        for chunk in sql.chunks(ids):
+            for cid, device_id, state in await Command.filter(id__in=list(chunk)).values_list(
+                "id", "device_id", "state"
+            ):
+                stored[str(cid)] = (str(device_id), str(state))
+        outcome: dict[str, tuple[str, str]] = {}
+        for report in wanted:
+            known = stored.get(report.command_id)
+            if known is None or known[0] != report.device_id:
+                continue
+            state = outcome.get(report.command_id, (known[1], ""))[0]
+            if state in TERMINAL:
+                continue
+            if report.state in TERMINAL:
+                outcome[report.command_id] = (report.state, report.reason[:2000])
+            elif _ORDER[report.state] > _ORDER.get(state, 0):
+                outcome[report.command_id] = (report.state, "")
+        groups: dict[tuple[str, str], list[str]] = {}
+        for cid, change in outcome.items():
+            groups.setdefault(change, []).append(cid)
+        devices = {cid: stored[cid][0] for cid in outcome}
+        changes: list[CommandChange] = []
+        if not groups:
+            return changes
+        async with in_transaction():
+            for (state, reason), group in groups.items():
+                if state in TERMINAL:
+                    changes += await self._end(group, devices, state, reason)
+                else:
+                    changes += await self._advance(group, devices, state)
+        self._changed(changes)
+        return changes
 
     async def reconcile(self, device_id: str, hello: dict[str, Any]) -> int:
         """Bring this device's commands in line with its `hello`; returns how many were re-sent.
@@ -282,57 +395,78 @@ class Outbox:
         hello lists): a result ends its command, the command in flight advances, and every
         unfinished command the device does not mention is sent again.
         """
-        pending = Command.filter(device_id=device_id, state__not_in=sorted(TERMINAL))
+        pending = Command.filter(device_id=device_id, state__not_in=_TERMINAL_LIST)
         unfinished = await pending.order_by("created_at")
         if not unfinished:
             return 0
         ids = {command.id for command in unfinished}
-        known: set[str] = set()
+        reports: list[Report] = []
         for result in hello.get("results") or []:
             if isinstance(result, dict) and result.get("id") in ids:
-                known.add(result["id"])
-                await self.report(
-                    device_id, result["id"], str(result.get("state")), str(result.get("reason", ""))
-                )
+                state, reason = str(result.get("state")), str(result.get("reason", ""))
+                reports.append(Report(device_id, result["id"], state, reason))
         flight = hello.get("in_flight")
         if isinstance(flight, dict) and flight.get("id") in ids:
-            known.add(flight["id"])
-            await self.report(device_id, flight["id"], str(flight.get("state")), "")
-        count = 0
-        for command in unfinished:
-            if command.id not in known:
-                count += await self.send(command)
-        return count
+            reports.append(Report(device_id, flight["id"], str(flight.get("state"))))
+        await self.report_many(reports)
+        known = {report.command_id for report in reports}
+        return await self.send_many(c for c in unfinished if c.id not in known)
 
     async def _finish(self, command: Command, state: str, reason: str) -> bool:
         """End `command` in `state`, unless it has ended already; whether this ended it."""
-        finished_at = self.clock()
-        ended = await Command.filter(id=command.id, state__not_in=sorted(TERMINAL)).update(
-            state=state, reason=reason[:2000], finished_at=finished_at, updated_at=_wall_clock()
-        )
-        if not ended:
+        async with in_transaction():
+            changes = await self._end([command.id], {command.id: command.device_id}, state, reason)
+        if not changes:
             return False
         command.state = state
         command.reason = reason[:2000]
-        command.finished_at = finished_at
-        log(
-            "command.finished",
-            command=command.id,
-            device=command.device_id,
-            state=state,
-            reason=reason[:200],
-        )
-        self.on_change(command)
+        command.finished_at = self.clock()
+        self._changed(changes)
         return True
 
-    async def _next_seq(self, device_id: str) -> int:
-        # One statement: the increment and the read cannot interleave with another send's.
-        connection = connections.get("default")
-        query = _NEXT_SEQ_PG if connection.capabilities.dialect == "postgres" else _NEXT_SEQ
-        rows = await connection.execute_query_dict(query, [device_id])
-        if not rows:
-            raise OutboxError(f"device {device_id} was removed")
-        return int(rows[0]["command_seq"])
+    async def _end(
+        self, ids: Sequence[str], devices: dict[str, str], state: str, reason: str
+    ) -> list[CommandChange]:
+        """End the unfinished ones of `ids` in `state` (in the caller's transaction)."""
+        changes = []
+        for chunk in sql.chunks(ids):
+            rows = await sql.fetch(
+                "UPDATE command SET state = ?, reason = ?, finished_at = ?, updated_at = ? "  # noqa: S608
+                f"WHERE id IN ({sql.marks(len(chunk))}) "
+                f"AND state NOT IN ({sql.marks(len(_TERMINAL_LIST))}) RETURNING id",
+                [state, reason[:2000], self.clock(), _wall_clock(), *chunk, *_TERMINAL_LIST],
+            )
+            for row in rows:
+                cid = str(row["id"])
+                changes.append(CommandChange(cid, devices[cid], state, reason[:2000]))
+        return changes
+
+    async def _advance(
+        self, ids: Sequence[str], devices: dict[str, str], state: str
+    ) -> list[CommandChange]:
+        """Move those of `ids` that are in an earlier state to `state` (not a terminal one)."""
+        earlier = [known for known, order in _ORDER.items() if order < _ORDER[state]]
+        changes = []
+        for chunk in sql.chunks(ids):
+            rows = await sql.fetch(
+                f"UPDATE command SET state = ?, updated_at = ? WHERE id IN "  # noqa: S608
+                f"({sql.marks(len(chunk))}) AND state IN ({sql.marks(len(earlier))}) RETURNING id",
+                [state, _wall_clock(), *chunk, *earlier],
+            )
+            changes += [CommandChange(str(r["id"]), devices[str(r["id"])], state, "") for r in rows]
+        return changes
+
+    def _changed(self, changes: Sequence[CommandChange]) -> None:
+        for change in changes:
+            if change.state in TERMINAL:
+                log(
+                    "command.finished",
+                    command=change.id,
+                    device=change.device_id,
+                    state=change.state,
+                    reason=change.reason[:200],
+                )
+            self.on_change(change)
 
 
 def _wall_clock() -> datetime:

@@ -35,14 +35,15 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from tortoise.transactions import in_transaction
 
+from fleet.db import sql
 from fleet.db.models import Command, Device, RolloutDevice, Rune
 from fleet.db.models import Rollout as RolloutRow
 from fleet.logs import log
-from fleet.outbox import CommandRequest, Outbox, OutboxError
+from fleet.outbox import CommandChange, CommandRequest, Outbox, OutboxError
 from fleet.rollout_metrics import RolloutMetrics
 from fleet.rollout_plan import (
     DEFAULT_WAVES,
@@ -143,29 +144,32 @@ def rollback_result(command_state: str) -> bool | None:
     return None
 
 
-def feed_command(machine: Rollout, command: Command, now: float) -> list[Decision]:
+def feed_command(machine: Rollout, command: CommandChange, now: float) -> list[Decision]:
     """Give the machine what a command's state says about its device (nothing if stale)."""
     parsed = parse_command_id(command.id)
     if parsed is None:
         return []
     _, device_id, attempt = parsed
+    reason = command.reason or None
     if attempt is None:
         ok = rollback_result(command.state)
         if ok is None:
             return []
-        return machine.on_rollback_report(device_id, ok, now, reason=_reason(command))
+        return machine.on_rollback_report(device_id, ok, now, reason=reason)
     state = device_state(command.state)
     if state is None or state is DeviceState.TIMED_OUT:
         # A command's deadline is the machine's: its own tick times the device out.
         return []
-    reason = _reason(command) if state is not DeviceState.SUCCEEDED else None
-    if state is DeviceState.FAILED and command.state == "refused":
+    if state is DeviceState.SUCCEEDED:
+        reason = None
+    elif state is DeviceState.FAILED and command.state == "refused":
         reason = f"refused: {command.reason}" if command.reason else "refused"
     return machine.on_report(device_id, state, now, reason=reason, attempt=attempt)
 
 
-def _reason(command: Command) -> str | None:
-    return command.reason or None
+def change_of(command: Command) -> CommandChange:
+    """A stored command as the change that brought it to its state."""
+    return CommandChange(command.id, command.device_id, command.state, command.reason)
 
 
 # The fleet as a rollout sees it.
@@ -541,7 +545,7 @@ async def device_list(rollout_id: str) -> dict[str, Any]:
         if target.attempts
     }
     updated: dict[str, datetime] = {}
-    for chunk in _chunks(list(ids.values()), 500):
+    for chunk in sql.chunks(list(ids.values())):
         for cid, when in await Command.filter(id__in=chunk).values_list("id", "updated_at"):
             updated[str(cid)] = when
     devices = []
@@ -561,13 +565,6 @@ async def device_list(rollout_id: str) -> dict[str, Any]:
                 }
             )
     return {"devices": devices}
-
-
-Item = TypeVar("Item")
-
-
-def _chunks(items: Sequence[Item], size: int) -> list[Sequence[Item]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 # Writing.
@@ -629,11 +626,8 @@ async def persist(
         setattr(row, name, value)
     if metrics is not None:
         metrics.record(decisions)
-    queued = [command.id for command in done.commands if command.state == "queued"]
-    for chunk in _chunks(queued, 500):
-        # Read again: a concurrent `resend_due` may have sent one (and the device answered) since.
-        for fresh in await Command.filter(id__in=chunk, state="queued"):
-            await outbox.send(fresh)
+    # A concurrent `resend_due` may have sent one since: the outbox's claim sends each once.
+    await outbox.send_many(command for command in done.commands if command.state == "queued")
     return done
 
 
@@ -647,7 +641,7 @@ async def _notify(
 ) -> None:
     """Make the deploy commands of `decisions`, in a few statements per chunk of devices, after
     recording what each device ran before the rollout first notified it."""
-    for chunk in _chunks(decisions, 500):
+    for chunk in sql.chunks(decisions):
         devices = list(dict.fromkeys(decision.device for decision in chunk))
         links = {
             str(link.device_id): link

@@ -18,13 +18,15 @@ Rules:
   every `POLL_S`, by reading the commands of in-flight devices (reports another replica took).
   States map as docs/rollouts-api.md says (`rollout_service.device_state`); a command that timed
   out is left to the machine's own deadline, which is the same.
-- Each pass feeds the events that arrived, ticks each rollout whose `next_wake()` has come (and
-  at least every `TICK_S` while it runs), and persists what changed with what it decided, in one
-  transaction (`rollout_service.persist`). Passes start at most every `PASS_MIN_S` (wall time),
-  so a burst of reports costs one write of the rollout, not one per report; what is not yet
-  written is not lost, since loading replays the commands' states. If the row changed under
-  it, it reloads (recovering from the command table again) and decides anew, so no event is
-  lost and no device notified twice.
+- Each pass feeds the events that arrived and ticks each rollout whose `next_wake()` has come
+  (and at least every `TICK_S` while it runs). A pass that decided something persists the
+  rollout with its decisions at once, in one transaction (`rollout_service.persist`): nothing is
+  sent that is not recorded first. Progress alone (reports that moved devices on, a tick that
+  decided nothing) is persisted at most every `PERSIST_EVERY_S`, since the state of a large
+  rollout is a large document; what is not yet written is not lost, since loading replays the
+  commands' states. Passes start at most every `PASS_MIN_S` (wall time), so a burst of reports
+  is fed at once. If the row changed under it, it reloads (recovering from the command table
+  again) and decides anew, so no event is lost and no device notified twice.
 - It ticks only while `presence_known()` (the broker link's: `fleet.channel`) says the devices'
   `online` flags can be trusted. A broker that restarts delivers every device's last will first,
   and a tick then would skip every pending device as offline and maybe end the rollout
@@ -43,14 +45,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from urllib.parse import urlsplit, urlunsplit
 
+from fleet.db import sql
 from fleet.db.models import Command
 from fleet.db.models import Rollout as RolloutRow
 from fleet.logs import log
-from fleet.outbox import Outbox, OutboxError
+from fleet.outbox import CommandChange, Outbox, OutboxError
 from fleet.rollout_metrics import RolloutMetrics
 from fleet.rollout_service import (
     ACTIVE,
     FleetData,
+    change_of,
     command_id,
     feed_command,
     load_machine,
@@ -78,15 +82,18 @@ POLL_S = 2.0
 ERROR_PAUSE_S = 2.0
 OBSERVE_S = 1.0
 PASS_MIN_S = 0.2
+PERSIST_EVERY_S = 1.0
 
 
 @dataclass
 class Loaded:
     row: RolloutRow
     machine: Rollout
-    events: list[Command] = field(default_factory=list)
+    events: list[CommandChange] = field(default_factory=list)
     failed: list[tuple[str, int, str]] = field(default_factory=list)
     last_tick: float = 0.0
+    dirty: bool = False  # changed since it was last persisted
+    persisted_at: float = 0.0
 
 
 class Scheduler:
@@ -114,21 +121,21 @@ class Scheduler:
         self._lock_lost = False
         previous = outbox.on_change
 
-        def on_change(command: Command) -> None:
-            previous(command)
-            self.command_changed(command)
+        def on_change(change: CommandChange) -> None:
+            previous(change)
+            self.command_changed(change)
 
         outbox.on_change = on_change
 
     # Inputs.
 
-    def command_changed(self, command: Command) -> None:
-        parsed = parse_command_id(command.id)
+    def command_changed(self, change: CommandChange) -> None:
+        parsed = parse_command_id(change.id)
         if parsed is None:
             return
         loaded = self.rollouts.get(parsed[0])
         if loaded is not None:
-            loaded.events.append(command)
+            loaded.events.append(change)
             self._wake.set()
 
     def poke(self) -> None:
@@ -258,6 +265,9 @@ class Scheduler:
         wait = min(REFRESH_S, POLL_S)
         for loaded in self.rollouts.values():
             wake = loaded.machine.next_wake()
+            if loaded.dirty:
+                flush = loaded.persisted_at + PERSIST_EVERY_S
+                wake = flush if wake is None else min(wake, flush)
             if wake is not None:
                 wait = min(wait, max(wake - now, 0.0))
         return max(wait, 0.01)
@@ -268,7 +278,6 @@ class Scheduler:
             now_dt = self.clock()
             now = now_dt.timestamp()
             machine = loaded.machine
-            before = machine.to_dict()
             events, loaded.events = loaded.events, []
             failed, loaded.failed = loaded.failed, []
             decisions: list[Decision] = []
@@ -281,17 +290,23 @@ class Scheduler:
                     )
                 else:
                     decisions += machine.on_rollback_report(device_id, False, now, reason=reason)
+            ticked = False
             if fleet is not None and self._due(loaded, now):
                 decisions += machine.tick(now, view_for(loaded.row, fleet))
-                loaded.last_tick = now
-            if not decisions and machine.to_dict() == before:
+                loaded.last_tick, ticked = now, True
+            loaded.dirty = loaded.dirty or bool(events or failed) or ticked
+            flush = loaded.dirty and now - loaded.persisted_at >= PERSIST_EVERY_S
+            if not decisions and not flush:
                 return
             done = await persist(loaded.row, machine, decisions, self.outbox, now_dt, self.metrics)
             if done is not None:
+                loaded.dirty, loaded.persisted_at = False, now
                 loaded.failed += done.unreachable
                 # A command that existed already (decided again after a restart) may have moved
                 # on: its state is news to the machine.
-                loaded.events += [c for c in done.commands if c.state not in ("queued", "sent")]
+                loaded.events += [
+                    change_of(c) for c in done.commands if c.state not in ("queued", "sent")
+                ]
                 if self._finished(machine):
                     self.rollouts.pop(loaded.row.id, None)
                 return
@@ -353,10 +368,7 @@ class Scheduler:
         wanted = self._in_flight_commands(row.id, machine)
         if not wanted:
             return loaded
-        found: dict[str, Command] = {}
-        for chunk in _chunks(list(wanted), 500):
-            for command in await Command.filter(id__in=chunk):
-                found[command.id] = command
+        found = {change.id: change for change in await _changes(wanted)}
         loaded.events += found.values()
         missing = [cid for cid in wanted if cid not in found]
         if missing:
@@ -401,10 +413,16 @@ class Scheduler:
         """Feed the in-flight devices' commands that moved (reports another replica took)."""
         for loaded in list(self.rollouts.values()):
             wanted = self._in_flight_commands(loaded.row.id, loaded.machine)
-            for chunk in _chunks(wanted, 500):
-                for command in await Command.filter(id__in=chunk, state__not_in=["queued", "sent"]):
-                    loaded.events.append(command)
+            loaded.events += await _changes(wanted, moved_only=True)
 
 
-def _chunks(items: list[str], size: int) -> list[list[str]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
+async def _changes(ids: list[str], moved_only: bool = False) -> list[CommandChange]:
+    """The stored state of the commands `ids` (with `moved_only`, of those past `sent`)."""
+    changes = []
+    for chunk in sql.chunks(ids):
+        query = Command.filter(id__in=chunk)
+        if moved_only:
+            query = query.filter(state__not_in=["queued", "sent"])
+        rows = await query.values_list("id", "device_id", "state", "reason")
+        changes += [CommandChange(str(c), str(d), str(s), str(r)) for c, d, s, r in rows]
+    return changes

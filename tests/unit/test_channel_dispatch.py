@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import secrets
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +24,7 @@ from securesystemslib.signer import CryptoSigner, Key
 from fleet.channel import BrokerLink, BrokerSettings, ChannelMetrics
 from fleet.db import close_database, open_database
 from fleet.db.models import Command, Device
-from fleet.outbox import Outbox
+from fleet.outbox import CommandChange, Outbox, Report
 from ota.protocol import (
     COMMAND_TTL_S,
     CONTROLLER,
@@ -70,16 +70,17 @@ class TrackedLink(BrokerLink):
         self.most_for_one_device = 0
         self.handled: list[str] = []
 
-    async def handle(self, topic_name: str, data: bytes, retained: bool = False) -> Message | None:
-        device_id = topic_name.split("/")[3]
-        self.in_flight[device_id] += 1
+    async def handle_batch(self, items: Sequence[tuple[str, bytes, bool]]) -> list[Message]:
+        devices = Counter(topic_name.split("/")[3] for topic_name, _, _ in items)
+        self.in_flight.update(devices)
         self.most_at_once = max(self.most_at_once, sum(self.in_flight.values()))
-        self.most_for_one_device = max(self.most_for_one_device, self.in_flight[device_id])
+        busy = [device for device in devices if self.in_flight[device] > devices[device]]
+        self.most_for_one_device = max(self.most_for_one_device, 1 + len(busy))
         try:
-            return await super().handle(topic_name, data, retained)
+            return await super().handle_batch(items)
         finally:
-            self.in_flight[device_id] -= 1
-            self.handled.append(topic_name)
+            self.in_flight.subtract(devices)
+            self.handled += [topic_name for topic_name, _, _ in items]
 
 
 @dataclass
@@ -236,14 +237,14 @@ async def test_a_message_that_fails_to_be_handled_does_not_stop_its_worker(db: N
     (device,) = fleet.devices
     failing = True
 
-    async def report(device_id: str, command_id: str, state: str, reason: str) -> bool:
+    async def report_many(reports: Sequence[Report]) -> list[CommandChange]:
         nonlocal failing
         if failing:
             failing = False
             raise RuntimeError("the database is away")
-        return True
+        return []
 
-    fleet.outbox.report = report  # type: ignore[method-assign]
+    fleet.outbox.report_many = report_many  # type: ignore[method-assign]
     body = {"command_id": device.command_id, "state": "received"}
     try:
         for _ in range(2):
