@@ -244,14 +244,20 @@ def wait_port(host: str, port: int, timeout: float, alive: Callable[[], bool]) -
 
 @contextlib.contextmanager
 def private_broker(folder: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A `mosquitto` of the bench's own on a free port (Mosquitto's default limits)."""
+    """A `mosquitto` of the bench's own on a free port, with the shipped config's queue limits
+    (deploy/mosquitto/mosquitto.conf): device reports reach the controller in bursts, and
+    Mosquitto's default (1,000 queued QoS 1 messages per client) would drop some."""
     mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not Path(mosquitto).exists():
-        raise BenchError("--private-broker needs `mosquitto` (apt-get install mosquitto)")
+        raise BenchError(
+            "the bench's own broker needs `mosquitto` (apt-get install mosquitto); or use a "
+            "broker of yours with --mqtt-url URL (bench_rollout: --shared-broker --mqtt-url URL)"
+        )
     port = free_port()
     config = folder / "mosquitto.conf"
     config.write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        "max_queued_messages 100000\nmax_queued_bytes 134217728\n"
         f"log_dest file {folder / 'mosquitto.log'}\nlog_type error\nlog_type warning\n"
     )
     with (folder / "mosquitto.out").open("wb") as out:
@@ -268,6 +274,20 @@ def private_broker(folder: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]
         yield f"mqtt://127.0.0.1:{port}", process
     finally:
         stop_process(process, 5)
+
+
+def open_broker(
+    stack: contextlib.ExitStack, folder: Path, private: bool, shared_url: str, sampler: Sampler
+) -> tuple[str, str]:
+    """The broker of one fleet, its CPU sampled when its pid is known: (URL, name to report)."""
+    if private:
+        url, broker = stack.enter_context(private_broker(folder))
+        sampler.pids["broker"] = broker.pid
+        return url, f"private mosquitto ({url})"
+    pid = shared_broker_pid(shared_url)
+    if pid is not None:
+        sampler.pids["broker"] = pid
+    return shared_url, f"shared broker ({shared_url})"
 
 
 def shared_broker_pid(url: str) -> int | None:
@@ -693,16 +713,9 @@ class FleetRun:
             )
             stack.callback(shutil.rmtree, folder, ignore_errors=True)
             sampler = Sampler()
-            if options.private_broker:
-                mqtt_url, broker = stack.enter_context(private_broker(folder))
-                sampler.pids["broker"] = broker.pid
-                broker_name = f"private mosquitto ({mqtt_url})"
-            else:
-                mqtt_url = options.mqtt_url
-                pid = shared_broker_pid(mqtt_url)
-                if pid is not None:
-                    sampler.pids["broker"] = pid
-                broker_name = f"shared broker ({mqtt_url})"
+            mqtt_url, broker_name = open_broker(
+                stack, folder, options.private_broker, options.mqtt_url, sampler
+            )
             with self.console.status(f"{self.devices} devices: fleetctl init and serve"):
                 ctl = stack.enter_context(
                     controller(folder, mqtt_url, options.controller_log_level)

@@ -8,7 +8,8 @@ of the simulated devices and talks to the bench over a `Pipe`:
   identity, a CSR, a signed request with the token), `threads` at a time. Answers
   `("enrolled", [device ids], seconds)`.
 - `("run",)`: build one `Daemon(SessionConfig(...))` per device exactly as `fleet-agent run` does
-  and run them all on one asyncio loop (their blocking work, TUF and slot writes, goes to a thread
+  (or, with `WorkerSpec.simulated`, one `SimDevice`: see its docstring) and run them all on one
+  asyncio loop (their blocking work, TUF and slot writes, goes to a thread
   pool of `WorkerSpec.threads`). Answers `("running",)`; from then on it answers `("stats",)`
   with `("stats", Stats)`, `("events",)` with `("events", [Event ...])`, and `("await", K)` with
   `("reached", K)` as soon as its daemons have reported K commands finished (deploy baselines
@@ -32,10 +33,12 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 STOP_TIMEOUT_S = 30.0
 TERMINAL = frozenset({"succeeded", "failed", "refused", "rolled-back", "done"})
@@ -48,6 +51,12 @@ class WorkerSpec:
     threads: int
     log_file: str
     log_level: str = "WARNING"
+    # Simulated devices (`bench.bench_rollout`): `SimDevice`s instead of `Daemon`s, checking
+    # commands with this command key (`{"keyid": ..., "key": {...}}`, what TUF publishes) and
+    # reporting this sha256 as the deployed rune's.
+    simulated: bool = False
+    command_key: dict[str, Any] | None = None
+    rune_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,9 @@ class Stats:
     refused: int = 0
     states: dict[str, int] = field(default_factory=dict)
     failed_daemons: int = 0
+    # Commands that reached a terminal state, each counted once (`states` counts every report,
+    # and a command sent again gets its result reported again).
+    finished_commands: int = 0
 
 
 def worker_main(conn: Connection, spec: WorkerSpec) -> None:
@@ -152,10 +164,19 @@ class _Fleet:
         self.finished = 0
         self.waiting_for: int | None = None
         self.stop = asyncio.Event()
-        self.daemons: list[Daemon] = []
+        self.daemons: list[Daemon | SimDevice] = []
         self.events: list[Event] = []
+        self.finished_ids: set[str] = set()
         self.stats = Stats()
         self.errors: list[str] = []
+        if spec.simulated:
+            assert spec.command_key is not None
+            for state_dir in map(Path, spec.state_dirs):
+                device = SimDevice(state_dir, spec.command_key, spec.rune_sha256)
+                device.on_event = self._listener(device.device_id)
+                self.daemons.append(device)
+            self.stats.devices = len(self.daemons)
+            return
         for state_dir in map(Path, spec.state_dirs):
             enrollment = load_enrollment(state_dir)
             if enrollment is None or not enrollment.enrolled or not enrollment.broker_url:
@@ -183,6 +204,7 @@ class _Fleet:
                 self.stats.states[state] = self.stats.states.get(state, 0) + 1
                 self.events.append(Event(device_id, data["command_id"], state, time.time()))
                 if state in TERMINAL:
+                    self.finished_ids.add(data["command_id"])
                     self.finished += 1
                     self.check_waiter()
 
@@ -202,6 +224,7 @@ class _Fleet:
             self.stats.refused,
             dict(self.stats.states),
             self.stats.failed_daemons,
+            len(self.finished_ids),
         )
 
 
@@ -250,3 +273,215 @@ async def _run_daemons(conn: Connection, spec: WorkerSpec) -> None:
     if request is not None:
         with contextlib.suppress(OSError):
             conn.send(("stopped", errors))
+
+
+# -- simulated devices ----------------------------------------------------------------------------
+
+SIM_CONNECTS_IN_FLIGHT = 64
+SIM_DEPLOY_STATES = ("received", "downloading", "verifying", "installing", "health-check")
+
+
+class SimDevice:
+    """A device that answers every step at once (`bench.bench_rollout`'s controller ceiling).
+
+    What the controller sees is what a real agent sends: the device's own Ed25519 identity and
+    enrollment (`agent.enroll`), its own MQTT session (client id = device id, a signed `offline`
+    last will), a retained signed `online` presence and a `hello` on connecting, and for each
+    command a signed `status` per state, with the next `seq` of its status stream and the runes in
+    the body. A command is checked as the agent checks it (`open_message`: the command key, this
+    device as audience, fresh, `seq` above the last one), but then nothing is done: a deploy is
+    reported `received`, `downloading`, `verifying`, `installing`, `health-check` and `succeeded`
+    at once (a rollback `rolled-back`, anything else `refused`), with no TUF, download, sandbox or
+    slot. A command id it already ran gets its result again, as the agent does. Sequence numbers
+    live in memory: a simulated device is enrolled afresh for every run.
+    """
+
+    def __init__(self, state_dir: Path, command_key: dict[str, Any], rune_sha256: str) -> None:
+        from securesystemslib.signer import SSlibKey
+
+        from agent.enroll import load_enrollment
+        from attestation.identity import DeviceIdentity
+
+        enrollment = load_enrollment(state_dir)
+        if enrollment is None or not enrollment.enrolled or not enrollment.broker_url:
+            raise RuntimeError(f"{state_dir} holds no enrolled device")
+        self.broker_url = enrollment.broker_url
+        self.identity = DeviceIdentity.load_or_create(state_dir)
+        self.device_id = self.identity.device_id
+        self.command_key = SSlibKey.from_dict(str(command_key["keyid"]), dict(command_key["key"]))
+        self.rune_sha256 = rune_sha256
+        self.connected = asyncio.Event()
+        self.on_event: Any = lambda _kind, _data: None
+        self.seqs = {"status": 0, "presence": 0}
+        self.command_seq = 0
+        self.results: dict[str, tuple[str, str]] = {}
+        self.active: dict[str, str] | None = None
+        self.previous: dict[str, str] | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        import aiomqtt
+
+        attempt = 0
+        while not stop.is_set():
+            try:
+                await self._session(stop)
+                attempt = 0
+            except aiomqtt.MqttError as exc:
+                logging.getLogger("bench.sim").warning("%s: session lost: %s", self.device_id, exc)
+            self.connected.clear()
+            if stop.is_set():
+                break
+            attempt += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), min(30.0, 0.5 * 2 ** min(attempt, 6)))
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        import aiomqtt
+
+        from ota.protocol import PRESENCE_TTL_S, Channel, MessageType, topic
+
+        url = urlsplit(self.broker_url)
+        presence = topic(self.device_id, Channel.PRESENCE)
+        online = self._sealed(Channel.PRESENCE, MessageType.PRESENCE, {"online": True})
+        offline = self._sealed(
+            Channel.PRESENCE, MessageType.PRESENCE, {"online": False}, ttl=PRESENCE_TTL_S
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            async with _connect_slot():  # only the connection, not the session
+                client = await stack.enter_async_context(
+                    aiomqtt.Client(
+                        url.hostname or "127.0.0.1",
+                        url.port or 1883,
+                        identifier=self.device_id,
+                        username=url.username,
+                        password=url.password,
+                        keepalive=60,
+                        will=aiomqtt.Will(presence, offline, qos=1, retain=True),
+                    )
+                )
+                await client.subscribe(topic(self.device_id, Channel.CMD), qos=1)
+                await client.publish(presence, online, qos=1, retain=True)
+                await self._send(client, MessageType.HELLO, self._hello())
+            self.connected.set()
+            self.on_event("connected", {})
+            receiver = asyncio.create_task(self._receive_loop(client))
+            stopper = asyncio.create_task(stop.wait())
+            try:
+                done, _ = await asyncio.wait(
+                    (receiver, stopper), return_when=asyncio.FIRST_COMPLETED
+                )
+                if receiver in done and receiver.exception() is not None:
+                    raise receiver.exception()  # type: ignore[misc]
+            finally:
+                for task in (receiver, stopper):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                        await task
+            goodbye = self._sealed(Channel.PRESENCE, MessageType.PRESENCE, {"online": False})
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.publish(presence, goodbye, qos=1, retain=True)
+
+    async def _receive_loop(self, client: Any) -> None:
+        async for mqtt_message in client.messages:
+            payload = mqtt_message.payload
+            if isinstance(payload, bytes | bytearray):
+                await self._command(client, bytes(payload))
+
+    async def _command(self, client: Any, data: bytes) -> None:
+        from ota.protocol import (
+            CONTROLLER,
+            Channel,
+            MessageType,
+            Refusal,
+            command_id,
+            open_message,
+        )
+
+        try:
+            message = open_message(
+                data,
+                audience=self.device_id,
+                channel=Channel.CMD,
+                key_for=lambda iss: self.command_key if iss == CONTROLLER else None,
+                last_seq=lambda _iss: self.command_seq,
+                now=time.time(),
+            )
+            self.command_seq = message.seq
+            cid = command_id(message)
+        except Refusal as refusal:
+            self.on_event("refused", {"kind": refusal.kind, "reason": str(refusal)})
+            return
+        done = self.results.get(cid)
+        if done is not None:
+            await self._status(client, cid, *done)
+            return
+        if message.type is MessageType.DEPLOY:
+            body = message.body
+            ref = f"{body.get('org')}/{body.get('name')}@{body.get('version')}"
+            for state in SIM_DEPLOY_STATES:
+                await self._status(client, cid, state, "")
+            self.previous, self.active = self.active, {"ref": ref, "sha256": self.rune_sha256}
+            result = ("succeeded", "installed in slot b (simulated)")
+        elif message.type is MessageType.ROLLBACK:
+            await self._status(client, cid, "received", "")
+            self.previous, self.active = self.active, self.previous
+            result = ("rolled-back", "simulated")
+        else:
+            await self._status(client, cid, "received", "")
+            result = ("refused", f"{message.type.value} is not simulated")
+        self.results[cid] = result
+        await self._status(client, cid, *result)
+
+    async def _status(self, client: Any, cid: str, state: str, reason: str) -> None:
+        from ota.protocol import MessageType
+
+        body: dict[str, Any] = {"command_id": cid, "state": state, "reason": reason}
+        await self._send(client, MessageType.STATUS, body | self._runes())
+        self.on_event("status", body)
+
+    async def _send(self, client: Any, type_: Any, body: dict[str, Any]) -> None:
+        from ota.protocol import Channel, topic
+
+        data = self._sealed(Channel.STATUS, type_, body)
+        await client.publish(topic(self.device_id, Channel.STATUS), data, qos=1)
+
+    def _sealed(self, channel: Any, type_: Any, body: dict[str, Any], ttl: float = 300.0) -> bytes:
+        from ota.protocol import CONTROLLER, Channel, Message, seal_message
+
+        stream = "presence" if channel is Channel.PRESENCE else "status"
+        self.seqs[stream] += 1
+        now = time.time()
+        message = Message(
+            self.device_id, CONTROLLER, self.seqs[stream], now, now + ttl, type_, body
+        )
+        return seal_message(message, self.identity.signer)
+
+    def _runes(self) -> dict[str, Any]:
+        return {"active": self.active, "previous": self.previous}
+
+    def _hello(self) -> dict[str, Any]:
+        results = [
+            {"id": cid, "type": "deploy", "state": s, "reason": r, "at": time.time()}
+            for cid, (s, r) in self.results.items()
+        ]
+        return {
+            "agent_version": "bench-simulated",
+            **self._runes(),
+            "in_flight": None,
+            "results": results[-20:],
+            "command_seq": self.command_seq,
+            "refused": {},
+        }
+
+
+_connects: asyncio.Semaphore | None = None
+
+
+@contextlib.asynccontextmanager
+async def _connect_slot() -> AsyncIterator[None]:
+    """At most `SIM_CONNECTS_IN_FLIGHT` simulated devices of this worker connecting at once."""
+    global _connects
+    if _connects is None:  # made on first use: it belongs to the worker's event loop
+        _connects = asyncio.Semaphore(SIM_CONNECTS_IN_FLIGHT)
+    async with _connects:
+        yield
