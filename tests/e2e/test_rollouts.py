@@ -1,9 +1,9 @@
 """Rollouts end to end: a real `fleetctl serve` and real `fleet-agent run` processes.
 
-- A healthy rollout (waves `1,50%,100%`, no soak) reaches `completed` with every running device
-  `succeeded`, each with exactly one deploy command (`{rollout}.{device}.1`) that its agent ran,
-  and the device that never came online `skipped` (offline); `/metrics` counts exactly those
-  notifications, the skip, the three waves and the two transitions.
+- A healthy rollout to 20 devices (waves `1,50%,100%`, no soak) reaches `completed` with every
+  running device `succeeded`, each with exactly one deploy command (`{rollout}.{device}.1`) that
+  its agent ran, and the device that never came online `skipped` (offline); `/metrics` counts
+  exactly those notifications, the skip, the three waves and the two transitions.
 - A controller killed (`kill -9`) mid-rollout and started again resumes the rollout from its
   stored state to `completed`, without notifying any device twice.
 - `fleetctl rollout` (create, dry run, status --watch, rollback, list, a refused pause) rolls a
@@ -28,14 +28,14 @@ from tests.agents import AgentProcess, enroll_agents, get, post, wait_online
 from tests.controller import RunningController, controller_for, wait_for, write_legacy_rune
 from tests.mosquitto import free_port
 
-RUNNING = 5
+RUNNING = 20
 
 
 @pytest.fixture(scope="module")
 def fleet(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[RunningController, list[AgentProcess], AgentProcess]]:
-    """A controller, five running agents, one enrolled device that never connects, and the
+    """A controller, twenty running agents, one enrolled device that never connects, and the
     rune `ticker` published at 1.0.0, 2.0.0 and 3.0.0."""
     tmp = tmp_path_factory.mktemp("rollouts")
     with contextlib.ExitStack() as stack:
@@ -93,7 +93,7 @@ def test_a_healthy_rollout_completes_and_offline_devices_are_skipped(
         {"rune": "ticker@1.0.0", "devices": ids, "waves": "1,50%,100%", "soak": "0"},
     )
     assert created["state"] == "scheduled" and created["selected"] == RUNNING + 1, created
-    assert [len(w["devices"]) for w in created["plan"]] == [1, 2, 3]
+    assert [len(w["devices"]) for w in created["plan"]] == [1, 10, 10]  # of 21: 1, 11, 21
     done = wait_finished(ctl, created["id"])
     assert done["state"] == "completed", done
     assert done["counts"]["succeeded"] == RUNNING and done["counts"]["skipped"] == 1, done
@@ -159,7 +159,7 @@ def test_a_controller_killed_mid_rollout_resumes_it_without_notifying_twice(
     )
     ctl.kill()
     ctl.start()
-    done = wait_finished(ctl, rollout_id)
+    done = wait_finished(ctl, rollout_id, timeout=120)
     assert done["state"] == "completed", done
     assert done["counts"]["succeeded"] == RUNNING, done
     assert_notified_once(ctl, agents, rollout_id, "2.0.0")
