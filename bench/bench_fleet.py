@@ -51,6 +51,10 @@ DIR` to record py-spy profiles of the controller and one agent worker during the
 `py-spy` is on PATH or in `$FLEET_BENCH_PY_SPY`). Everything it starts is stopped and every temp
 dir removed on exit, Ctrl-C and failures included; on the shared broker it also clears the retained
 presence messages of the devices it made.
+
+`bench.bench_rollout` builds on this module: its fleets are set up by `open_fleet`, it takes the
+options of `add_common_arguments`, records profiles with `start_profilers`, and its `main` runs
+through `run_bench`.
 """
 
 from __future__ import annotations
@@ -71,13 +75,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, Self
 from urllib.parse import urlencode, urlsplit
 
 import urllib3
@@ -174,6 +178,11 @@ class Snapshot:
         total = later.jiffies[1] - self.jiffies[1]
         return (os.cpu_count() or 1) * busy / total if total else 0.0
 
+    def others(self, later: Snapshot) -> float:
+        """How busy the machine was in between with processes not watched, in cores."""
+        known = self.cpu(later, "") or 0.0
+        return max(self.busy(later) - known / (later.at - self.at), 0.0)
+
 
 class Sampler:
     """Watches the bench's processes; `snapshot()` now, and `peak_rss` over a time range."""
@@ -205,6 +214,10 @@ class Sampler:
                 s.procs[name].rss for s in self._samples if start <= s.at <= end and name in s.procs
             ]
         return max(values, default=0)
+
+    def peak_rss_mb(self, name: str, start: float, end: Snapshot) -> float:
+        """The peak RSS of `name` from `start` to the snapshot `end` (included), in MiB."""
+        return max(self.peak_rss(name, start, end.at), end.procs[name].rss) / 2**20
 
     def __enter__(self) -> Sampler:
         self._thread.start()
@@ -560,24 +573,159 @@ class Workers:
         return errors
 
 
+# -- profiles -------------------------------------------------------------------------------------
+
+# A py-spy recording: its output file and its process.
+ProfileRecording = tuple[Path, subprocess.Popen[bytes]]
+
+
+def start_profilers(
+    options: FleetOptions, pids: dict[str, int], gil_only: Collection[str] = ()
+) -> list[ProfileRecording]:
+    """py-spy recordings of the processes `pids` (profile name: pid) into `options.profile_dir`,
+    none when not profiling; those in `gil_only` only while they hold the GIL."""
+    if options.profile_dir is None or options.py_spy is None:
+        return []
+    options.profile_dir.mkdir(parents=True, exist_ok=True)
+    started = []
+    for name, pid in pids.items():
+        out = options.profile_dir / f"{name}.txt"
+        command = [options.py_spy, "record", "-p", str(pid), "-o", str(out), "--format"]
+        command += ["raw", "--rate", "100", "--nonblocking", "--threads"]
+        if name in gil_only:
+            command.append("--gil")
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        started.append((out, process))
+    return started
+
+
+def stop_profilers(started: list[ProfileRecording]) -> list[str]:
+    """Stop the recordings, each writing its profile; the profiles' paths."""
+    for _, process in started:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGINT)
+    for _, process in started:
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return [str(out) for out, _ in started]
+
+
 # -- one fleet ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Options:
+class FleetOptions:
+    """The options of `add_common_arguments`: the devices, the broker, the controller, profiles."""
+
     workers: int
     threads: int
     enroll_threads: int
-    post_concurrency: int
     private_broker: bool
     mqtt_url: str
-    idle_s: float
     timeout_s: float
     state_root: Path | None
     controller_log_level: str
     agent_log_level: str
     profile_dir: Path | None
     py_spy: str | None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **bench_options: Any) -> Self:
+        """These options from `args`, with the bench's own `bench_options`."""
+        return cls(
+            workers=args.workers,
+            threads=args.threads,
+            enroll_threads=args.enroll_threads,
+            private_broker=args.private_broker,
+            mqtt_url=args.mqtt_url,
+            timeout_s=args.timeout,
+            state_root=args.state_root,
+            controller_log_level=args.controller_log_level,
+            agent_log_level=args.agent_log_level,
+            profile_dir=args.profile,
+            py_spy=os.environ.get("FLEET_BENCH_PY_SPY") or shutil.which("py-spy"),
+            **bench_options,
+        )
+
+
+@dataclass
+class RunningFleet:
+    """A fleet's temp dir, broker, controller and process sampler, up while `open_fleet` is."""
+
+    stack: contextlib.ExitStack
+    folder: Path
+    mqtt_url: str
+    broker_name: str
+    ctl: Controller
+    sampler: Sampler
+    private_broker: bool
+
+    def start_workers(self, specs: list[WorkerSpec], name: str) -> Workers:
+        """The device workers of `specs`, sampled as `{name}-{index}`, stopped with the fleet."""
+        workers = Workers(specs)
+        if not self.private_broker:  # runs after the workers stopped (LIFO)
+            self.stack.callback(clear_retained_presence, self.mqtt_url, workers.device_ids)
+        self.stack.enter_context(workers)
+        for spec, process in zip(workers.specs, workers.processes, strict=True):
+            assert process.pid is not None
+            self.sampler.pids[f"{name}-{spec.index}"] = process.pid
+        return workers
+
+
+@contextlib.contextmanager
+def open_fleet(
+    options: FleetOptions, prefix: str, console: Console, label: str
+) -> Iterator[RunningFleet]:
+    """A new fleet in a temp dir named `prefix*`: its broker, `fleetctl init` and `serve`, and the
+    sampler watching them and the bench. Everything is stopped and removed on the way out."""
+    with contextlib.ExitStack() as stack:
+        folder = Path(tempfile.mkdtemp(prefix=prefix, dir=options.state_root))
+        stack.callback(shutil.rmtree, folder, ignore_errors=True)
+        sampler = Sampler()
+        mqtt_url, broker_name = open_broker(
+            stack, folder, options.private_broker, options.mqtt_url, sampler
+        )
+        with console.status(f"{label}: fleetctl init and serve"):
+            ctl = stack.enter_context(controller(folder, mqtt_url, options.controller_log_level))
+        sampler.pids["controller"] = ctl.process.pid
+        sampler.pids["bench"] = os.getpid()
+        stack.enter_context(sampler)
+        yield RunningFleet(
+            stack, folder, mqtt_url, broker_name, ctl, sampler, options.private_broker
+        )
+
+
+def push_rune(api: Api, rune: RuneFile) -> dict[str, Any]:
+    """Push `rune` to the controller; its answer (the rune's `target` and `sha256`)."""
+    pushed: dict[str, Any] = api.call(
+        "POST",
+        "/api/v1/runes",
+        body=rune.data,
+        params={"org": ORG, "name": rune.name, "version": rune.version},
+    )
+    if pushed.get("target") is None:
+        raise BenchError(f"pushing the rune gave {pushed}")
+    return pushed
+
+
+def online_devices(api: Api) -> int:
+    devices = api.call("GET", "/api/v1/devices")["devices"]
+    return sum(bool(d.get("online")) for d in devices)
+
+
+@dataclass(frozen=True)
+class Options(FleetOptions):
+    post_concurrency: int
+    idle_s: float
     flood_per_device: int
 
 
@@ -660,7 +808,18 @@ class FleetResult:
     profiles: list[str] = field(default_factory=list)
 
 
-def make_specs(folder: Path, devices: int, options: Options) -> list[WorkerSpec]:
+def make_specs(
+    folder: Path,
+    devices: int,
+    options: FleetOptions,
+    *,
+    name: str = "agents",
+    simulated: bool = False,
+    command_key: dict[str, Any] | None = None,
+    rune_sha256: str = "",
+) -> list[WorkerSpec]:
+    """The device workers' specs (logs in `folder/{name}-{index}.log`), and every device's state
+    dir with its `agent.yaml`; the rest as in `WorkerSpec`."""
     workers = max(1, min(options.workers, devices))
     dirs = [folder / "devices" / f"device-{i:05d}" for i in range(devices)]
     for state_dir in dirs:
@@ -671,8 +830,11 @@ def make_specs(folder: Path, devices: int, options: Options) -> list[WorkerSpec]
             index=w,
             state_dirs=tuple(str(d) for d in dirs[w::workers]),
             threads=options.threads,
-            log_file=str(folder / f"agents-{w}.log"),
+            log_file=str(folder / f"{name}-{w}.log"),
             log_level=options.agent_log_level,
+            simulated=simulated,
+            command_key=command_key,
+            rune_sha256=rune_sha256,
         )
         for w in range(workers)
     ]
@@ -706,40 +868,19 @@ class FleetRun:
         self.console = console
 
     def run(self) -> FleetResult:
-        options = self.options
-        with contextlib.ExitStack() as stack:
-            folder = Path(
-                tempfile.mkdtemp(prefix=f"fleet-bench-{self.devices}-", dir=options.state_root)
-            )
-            stack.callback(shutil.rmtree, folder, ignore_errors=True)
-            sampler = Sampler()
-            mqtt_url, broker_name = open_broker(
-                stack, folder, options.private_broker, options.mqtt_url, sampler
-            )
-            with self.console.status(f"{self.devices} devices: fleetctl init and serve"):
-                ctl = stack.enter_context(
-                    controller(folder, mqtt_url, options.controller_log_level)
-                )
-            sampler.pids["controller"] = ctl.process.pid
-            sampler.pids["bench"] = os.getpid()
-            stack.enter_context(sampler)
+        options, label = self.options, f"{self.devices} devices"
+        with open_fleet(options, f"fleet-bench-{self.devices}-", self.console, label) as fleet:
             result = FleetResult(
                 self.devices,
                 "one at a time" if self.serial else "all at once",
-                broker_name,
+                fleet.broker_name,
                 min(options.workers, self.devices),
             )
-            workers = Workers(make_specs(folder, self.devices, options))
-            if not options.private_broker:  # runs after the workers stopped (LIFO)
-                stack.callback(clear_retained_presence, mqtt_url, workers.device_ids)
-            stack.enter_context(workers)
-            for spec, process in zip(workers.specs, workers.processes, strict=True):
-                assert process.pid is not None
-                sampler.pids[f"agents-{spec.index}"] = process.pid
-            self._measure(ctl, workers, sampler, result)
+            workers = fleet.start_workers(make_specs(fleet.folder, self.devices, options), "agents")
+            self._measure(fleet.ctl, workers, fleet.sampler, result)
             if options.flood_per_device > 0 and not self.serial:
-                with self.console.status(f"{self.devices} devices: a flood of status reports"):
-                    self._flood(ctl, mqtt_url, workers, sampler, result)
+                with self.console.status(f"{label}: a flood of status reports"):
+                    self._flood(fleet.ctl, fleet.mqtt_url, workers, fleet.sampler, result)
             result.agent_errors = workers.stop()
             return result
 
@@ -758,7 +899,7 @@ class FleetRun:
         with self.console.status(f"{n} devices: starting the daemons, waiting until online"):
             started = time.monotonic()
             workers.run()
-            wait_until(lambda: self._online(api) >= n, START_TIMEOUT_S + n * 0.2, "online", 1.0)
+            wait_until(lambda: online_devices(api) >= n, START_TIMEOUT_S + n * 0.2, "online", 1.0)
             result.connect_s = time.monotonic() - started
         self.console.print(
             f"{n} devices: enrolled in {result.enroll_s:.1f} s, all online "
@@ -781,14 +922,7 @@ class FleetRun:
             (before.cpu(idle_start, "controller") or 0.0) / n * 1000
         )
 
-        pushed = api.call(
-            "POST",
-            "/api/v1/runes",
-            body=self.rune.data,
-            params={"org": ORG, "name": self.rune.name, "version": self.rune.version},
-        )
-        if pushed.get("target") is None:
-            raise BenchError(f"pushing the rune gave {pushed}")
+        push_rune(api, self.rune)
         time.sleep(1.0)
         if self.serial:
             self._deploy_one_at_a_time(ctl, workers, sampler, result)
@@ -797,10 +931,6 @@ class FleetRun:
 
     def _enroll_threads(self) -> int:
         return max(1, self.options.enroll_threads // max(self.options.workers, 1))
-
-    def _online(self, api: Api) -> int:
-        devices = api.call("GET", "/api/v1/devices")["devices"]
-        return sum(bool(d.get("online")) for d in devices)
 
     def _post_deploy(self, api: Api, device_id: str) -> str:
         body = {"rune": f"{self.rune.name}@{self.rune.version}", "org": ORG}
@@ -847,10 +977,9 @@ class FleetRun:
             shown = self._final_commands(api, commands, status)
         end = sampler.snapshot()
         metrics1 = api.metrics()
-        result.profiles = self._stop_profilers(profilers)
+        result.profiles = stop_profilers(profilers)
         self._summarize(result, shown, workers.events(), t0, start, end, metrics0, metrics1)
-        peak = max(sampler.peak_rss("controller", t0, end.at), end.procs["controller"].rss)
-        result.controller_peak_rss_mb = peak / 2**20
+        result.controller_peak_rss_mb = sampler.peak_rss_mb("controller", t0, end)
 
     def _final_commands(self, api: Api, ids: list[str], status: Any) -> list[dict[str, Any]]:
         """Every command as the controller has it, waiting (up to 30 s) for the last reports."""
@@ -901,8 +1030,7 @@ class FleetRun:
         metrics1 = api.metrics()
         result.single_deploy_s = single
         self._summarize(result, shown, workers.events(), t0, start, end, metrics0, metrics1)
-        peak = max(sampler.peak_rss("controller", t0, end.at), end.procs["controller"].rss)
-        result.controller_peak_rss_mb = peak / 2**20
+        result.controller_peak_rss_mb = sampler.peak_rss_mb("controller", t0, end)
 
     # -- results --------------------------------------------------------------------------------
 
@@ -976,8 +1104,7 @@ class FleetRun:
         result.broker_cpu_s = start.cpu(end, "broker")
         result.bench_cpu_s = start.cpu(end, "bench") or 0.0
         result.machine_busy_cores = start.busy(end)
-        known = start.cpu(end, "") or 0.0
-        result.others_cores = max(result.machine_busy_cores - known / (end.at - start.at), 0.0)
+        result.others_cores = start.others(end)
         # What the deploy would take if the controller, the agents and the broker shared every
         # core of a quiet machine perfectly: their CPU seconds over the number of cores.
         fleet_cpu = result.controller_cpu_s + result.agents_cpu_s + (result.broker_cpu_s or 0.0)
@@ -1079,44 +1206,13 @@ class FleetRun:
 
     # -- profiles -------------------------------------------------------------------------------
 
-    def _start_profilers(
-        self, ctl: Controller, workers: Workers
-    ) -> list[tuple[Path, subprocess.Popen[bytes]]]:
-        options = self.options
-        if options.profile_dir is None or options.py_spy is None:
-            return []
-        options.profile_dir.mkdir(parents=True, exist_ok=True)
-        targets = {"controller": ctl.process.pid}
+    def _start_profilers(self, ctl: Controller, workers: Workers) -> list[ProfileRecording]:
+        """The controller's (all its time) and the first agent worker's (its time with the GIL)."""
+        agents = f"agents-0-{self.devices}"
+        pids = {f"controller-{self.devices}": ctl.process.pid}
         if workers.processes and workers.processes[0].pid is not None:
-            targets["agents-0"] = workers.processes[0].pid
-        started = []
-        for name, pid in targets.items():
-            out = options.profile_dir / f"{name}-{self.devices}.txt"
-            command = [options.py_spy, "record", "-p", str(pid), "-o", str(out), "--format"]
-            command += ["raw", "--rate", "100", "--nonblocking", "--threads", "--gil"]
-            if name == "controller":
-                command.remove("--gil")  # the controller: all its time, not only the GIL's
-            process = subprocess.Popen(
-                command,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
-            started.append((out, process))
-        return started
-
-    def _stop_profilers(self, started: list[tuple[Path, subprocess.Popen[bytes]]]) -> list[str]:
-        for _, process in started:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGINT)
-        for _, process in started:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        return [str(out) for out, _ in started]
+            pids[agents] = workers.processes[0].pid
+        return start_profilers(self.options, pids, gil_only={agents})
 
 
 # -- the rune -------------------------------------------------------------------------------------
@@ -1161,6 +1257,28 @@ def quiet_stderr() -> Iterator[None]:
 
 def fmt(value: float | None, spec: str = ".1f", unit: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{unit}"
+
+
+def print_run_notes(
+    console: Console,
+    others_cores: float,
+    errors: list[str],
+    profiles: list[str],
+    *,
+    during: str,
+    errors_of: str,
+) -> None:
+    """The notes under a run's line: a machine that was not quiet `during` it, the first errors
+    of its devices (`errors_of`: what they are), its profiles."""
+    if others_cores > NOISY_CORES:
+        console.print(
+            f"  [yellow]the machine was not quiet:[/yellow] other processes used "
+            f"{others_cores:.2f} cores during the {during}; times are inflated"
+        )
+    for error in errors[:5]:
+        console.print(f"  [red]{errors_of} error:[/red] {error}", highlight=False)
+    for profile in profiles:
+        console.print(f"  profile: {profile}")
 
 
 @dataclass
@@ -1320,15 +1438,14 @@ class Report:
                 f"deploy's, agents' CPU per device "
                 f"{fmt(ratios['agents_cpu_per_device_over_single'], '.2f', 'x')}"
             )
-            if result.others_cores > NOISY_CORES:
-                console.print(
-                    f"  [yellow]the machine was not quiet:[/yellow] other processes used "
-                    f"{result.others_cores:.2f} cores during the deploy; times are inflated"
-                )
-            for error in result.agent_errors[:5]:
-                console.print(f"  [red]agent error:[/red] {error}", highlight=False)
-            for profile in result.profiles:
-                console.print(f"  profile: {profile}")
+            print_run_notes(
+                console,
+                result.others_cores,
+                result.agent_errors,
+                result.profiles,
+                during="deploy",
+                errors_of="agent",
+            )
         target = self.target()
         if target is not None:
             verdict = "[green]met[/green]" if target["met"] else "[red]NOT met[/red]"
@@ -1339,6 +1456,46 @@ class Report:
 
 
 # -- main -----------------------------------------------------------------------------------------
+
+
+def add_common_arguments(
+    parser: argparse.ArgumentParser, *, private_broker: bool, workers_help: str, timeout_help: str
+) -> None:
+    """The options every fleet bench takes, after its own; `private_broker`: whether a mosquitto
+    of the bench's own is the default (then `--shared-broker`, else `--private-broker`)."""
+    parser.add_argument("--workers", type=int, default=2, help=workers_help)
+    parser.add_argument("--threads", type=int, default=16, help="update threads per worker")
+    parser.add_argument(
+        "--enroll-threads", type=int, default=8, help="enrollments in flight, over all workers"
+    )
+    parser.add_argument("--rune", choices=("sine", "legacy"), default="sine")
+    parser.add_argument(
+        "--mqtt-url",
+        default=DEFAULT_MQTT_URL,
+        help="the shared broker (default $FLEET_BENCH_MQTT_URL or mqtt://127.0.0.1:1883)",
+    )
+    if private_broker:
+        parser.add_argument(
+            "--shared-broker",
+            dest="private_broker",
+            action="store_false",
+            help="use the broker at --mqtt-url instead of a mosquitto of our own per fleet",
+        )
+    else:
+        parser.add_argument(
+            "--private-broker", action="store_true", help="start a mosquitto of our own per fleet"
+        )
+    parser.add_argument("--timeout", type=float, default=900.0, help=timeout_help)
+    parser.add_argument(
+        "--state-root", type=Path, default=None, help="where fleets and device dirs go (a tmp dir)"
+    )
+    parser.add_argument("--controller-log-level", default="info")
+    parser.add_argument("--agent-log-level", default="warning")
+    parser.add_argument(
+        "--profile", type=Path, default=None, metavar="DIR", help="py-spy profiles to DIR"
+    )
+    parser.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    parser.add_argument("--json", action="store_true", help="same as -o json")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1354,21 +1511,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=5,
         help="devices deployed one at a time for the baseline (0: no baseline)",
     )
-    parser.add_argument("--workers", type=int, default=2, help="agent worker processes")
-    parser.add_argument("--threads", type=int, default=16, help="update threads per worker")
-    parser.add_argument(
-        "--enroll-threads", type=int, default=8, help="enrollments in flight, over all workers"
-    )
     parser.add_argument("--post-concurrency", type=int, default=8, help="deploy requests in flight")
-    parser.add_argument("--rune", choices=("sine", "legacy"), default="sine")
-    parser.add_argument(
-        "--mqtt-url",
-        default=DEFAULT_MQTT_URL,
-        help="the shared broker (default $FLEET_BENCH_MQTT_URL or mqtt://127.0.0.1:1883)",
-    )
-    parser.add_argument(
-        "--private-broker", action="store_true", help="start a mosquitto of our own per fleet"
-    )
     parser.add_argument(
         "--flood",
         type=int,
@@ -1377,17 +1520,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="after the deploy, K signed status reports per device straight to the broker (0: no)",
     )
     parser.add_argument("--idle-s", type=float, default=10.0, help="idle window per fleet")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per deploy")
-    parser.add_argument(
-        "--state-root", type=Path, default=None, help="where fleets and device dirs go (a tmp dir)"
+    add_common_arguments(
+        parser,
+        private_broker=False,
+        workers_help="agent worker processes",
+        timeout_help="seconds per deploy",
     )
-    parser.add_argument("--controller-log-level", default="info")
-    parser.add_argument("--agent-log-level", default="warning")
-    parser.add_argument(
-        "--profile", type=Path, default=None, metavar="DIR", help="py-spy profiles to DIR"
-    )
-    parser.add_argument("-o", "--output", choices=("text", "json"), default="text")
-    parser.add_argument("--json", action="store_true", help="same as -o json")
     return parser.parse_args(argv)
 
 
@@ -1395,63 +1533,81 @@ def _interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    as_json = args.json or args.output == "json"
-    console = Console(stderr=True) if as_json else Console()
-    sizes = [20] if args.quick else [int(s) for s in args.devices.split(",") if s.strip()]
-    baseline_devices = min(args.baseline_devices, 2) if args.quick else args.baseline_devices
-    py_spy = os.environ.get("FLEET_BENCH_PY_SPY") or shutil.which("py-spy")
-    if args.profile is not None and py_spy is None:
+def _json_output(args: argparse.Namespace) -> bool:
+    return bool(args.json or args.output == "json")
+
+
+def report_console(args: argparse.Namespace, width: int | None = None) -> Console:
+    """The console for progress and the text report: stderr when stdout gets the JSON report."""
+    return Console(stderr=True, width=width) if _json_output(args) else Console(width=width)
+
+
+class BenchReport(Protocol):
+    def to_json(self) -> dict[str, Any]: ...
+
+    def print(self, console: Console) -> None: ...
+
+
+def run_bench(
+    args: argparse.Namespace,
+    options: FleetOptions,
+    console: Console,
+    measure: Callable[[RuneFile], BenchReport],
+) -> int:
+    """`main` of a fleet bench: build the rune of `--rune`, `measure` with it, and print the
+    report as text or JSON; the exit status (1: a step failed, 130: interrupted)."""
+    if options.profile_dir is not None and options.py_spy is None:
         console.print("--profile needs py-spy on PATH or in $FLEET_BENCH_PY_SPY")
         return 2
-    options = Options(
-        workers=args.workers,
-        threads=args.threads,
-        enroll_threads=args.enroll_threads,
-        post_concurrency=args.post_concurrency,
-        private_broker=args.private_broker,
-        mqtt_url=args.mqtt_url,
-        idle_s=args.idle_s,
-        timeout_s=args.timeout,
-        state_root=args.state_root,
-        controller_log_level=args.controller_log_level,
-        agent_log_level=args.agent_log_level,
-        profile_dir=args.profile,
-        py_spy=py_spy,
-        flood_per_device=args.flood,
-    )
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         with tempfile.TemporaryDirectory(prefix="fleet-bench-rune-") as scratch, quiet_stderr():
             rune = make_rune(args.rune, Path(scratch))
-        baseline = None
-        if baseline_devices > 0:
-            baseline = FleetRun(baseline_devices, True, rune, options, console).run()
-        results = [FleetRun(n, False, rune, options, console).run() for n in sizes]
+        report = measure(rune)
     except BenchError as exc:
         console.print(f"[red]bench failed:[/red] {exc}", highlight=False)
         return 1
     except KeyboardInterrupt:
         console.print("interrupted; everything the bench started was stopped")
         return 130
-    report = Report(
-        {"ref": rune.ref, "kind": rune.kind, "bytes": len(rune.data)},
-        {
-            "workers": options.workers,
-            "threads_per_worker": options.threads,
-            "broker": "private" if options.private_broker else options.mqtt_url,
-            "state_root": str(options.state_root or tempfile.gettempdir()),
-            "cpus": os.cpu_count(),
-        },
-        baseline,
-        results,
-    )
-    if as_json:
+    if _json_output(args):
         print(json.dumps(report.to_json()))
     else:
         report.print(console)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    console = report_console(args)
+    sizes = [20] if args.quick else [int(s) for s in args.devices.split(",") if s.strip()]
+    baseline_devices = min(args.baseline_devices, 2) if args.quick else args.baseline_devices
+    options = Options.from_args(
+        args,
+        post_concurrency=args.post_concurrency,
+        idle_s=args.idle_s,
+        flood_per_device=args.flood,
+    )
+
+    def measure(rune: RuneFile) -> Report:
+        baseline = None
+        if baseline_devices > 0:
+            baseline = FleetRun(baseline_devices, True, rune, options, console).run()
+        results = [FleetRun(n, False, rune, options, console).run() for n in sizes]
+        return Report(
+            {"ref": rune.ref, "kind": rune.kind, "bytes": len(rune.data)},
+            {
+                "workers": options.workers,
+                "threads_per_worker": options.threads,
+                "broker": "private" if options.private_broker else options.mqtt_url,
+                "state_root": str(options.state_root or tempfile.gettempdir()),
+                "cpus": os.cpu_count(),
+            },
+            baseline,
+            results,
+        )
+
+    return run_bench(args, options, console, measure)
 
 
 if __name__ == "__main__":

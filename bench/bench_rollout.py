@@ -68,15 +68,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import os
-import shutil
-import signal
 import sqlite3
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -84,35 +79,35 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Console
 from rich.table import Table
 
 from bench.bench_fleet import (
-    AGENT_RUN_CONFIG,
-    NOISY_CORES,
     ORG,
     Api,
     BenchError,
     Controller,
+    FleetOptions,
     RuneFile,
     Sampler,
     Snapshot,
     Workers,
-    _die_with_parent,
-    _interrupt,
-    clear_retained_presence,
-    controller,
+    add_common_arguments,
     fmt,
-    make_rune,
-    open_broker,
+    make_specs,
+    online_devices,
+    open_fleet,
     percentile,
-    quiet_stderr,
+    print_run_notes,
+    push_rune,
+    report_console,
+    run_bench,
+    start_profilers,
+    stop_profilers,
     wait_until,
 )
 from bench.fleet_agents import WorkerSpec
 
-DEFAULT_MQTT_URL = os.environ.get("FLEET_BENCH_MQTT_URL", "mqtt://127.0.0.1:1883")
 TARGET_REAL_PER_MIN = 2000.0
 TARGET_SIM_PER_MIN = 10_000.0
 ROLLOUT_FINISHED = frozenset({"completed", "aborted", "rolled-back"})
@@ -127,23 +122,12 @@ MODES = ("real", "sim")
 
 
 @dataclass(frozen=True)
-class Options:
-    workers: int
-    threads: int
-    enroll_threads: int
-    private_broker: bool
-    mqtt_url: str
+class Options(FleetOptions):
     baseline: int
     waves: str
     soak: str
     rate: str
     poll_s: float
-    timeout_s: float
-    state_root: Path | None
-    controller_log_level: str
-    agent_log_level: str
-    profile_dir: Path | None
-    py_spy: str | None
 
 
 @dataclass
@@ -261,43 +245,14 @@ class RolloutRun:
 
     def run(self) -> RolloutResult:
         options = self.options
-        with contextlib.ExitStack() as stack:
-            folder = Path(
-                tempfile.mkdtemp(
-                    prefix=f"fleet-bench-rollout-{self.mode}-{self.devices}-",
-                    dir=options.state_root,
-                )
-            )
-            stack.callback(shutil.rmtree, folder, ignore_errors=True)
-            sampler = Sampler()
-            mqtt_url, broker_name = open_broker(
-                stack, folder, options.private_broker, options.mqtt_url, sampler
-            )
-            with self.console.status(f"{self.label}: fleetctl init and serve"):
-                ctl = stack.enter_context(
-                    controller(folder, mqtt_url, options.controller_log_level)
-                )
-            sampler.pids["controller"] = ctl.process.pid
-            sampler.pids["bench"] = os.getpid()
-            stack.enter_context(sampler)
-            pushed = ctl.api.call(
-                "POST",
-                "/api/v1/runes",
-                body=self.rune.data,
-                params={"org": ORG, "name": self.rune.name, "version": self.rune.version},
-            )
-            if pushed.get("target") is None:
-                raise BenchError(f"pushing the rune gave {pushed}")
+        prefix = f"fleet-bench-rollout-{self.mode}-{self.devices}-"
+        with open_fleet(options, prefix, self.console, self.label) as running:
+            ctl, sampler = running.ctl, running.sampler
+            pushed = push_rune(ctl.api, self.rune)
             sha256 = str(pushed.get("sha256") or hashlib.sha256(self.rune.data).hexdigest())
             total = self.devices + options.baseline
-            workers = Workers(self._specs(folder, total, sha256))
-            result = RolloutResult(self.mode, self.devices, broker_name, len(workers.specs))
-            if not options.private_broker:  # runs after the workers stopped (LIFO)
-                stack.callback(clear_retained_presence, mqtt_url, workers.device_ids)
-            stack.enter_context(workers)
-            for spec, process in zip(workers.specs, workers.processes, strict=True):
-                assert process.pid is not None
-                sampler.pids[f"devices-{spec.index}"] = process.pid
+            workers = running.start_workers(self._specs(running.folder, total, sha256), "devices")
+            result = RolloutResult(self.mode, self.devices, running.broker_name, len(workers.specs))
             self._connect(ctl, workers, result)
             ids = list(workers.device_ids)
             baseline, fleet = ids[: options.baseline], ids[options.baseline :]
@@ -309,31 +264,21 @@ class RolloutRun:
             return result
 
     def _specs(self, folder: Path, total: int, sha256: str) -> list[WorkerSpec]:
-        options = self.options
-        workers = max(1, min(options.workers, total))
-        dirs = [folder / "devices" / f"device-{i:05d}" for i in range(total)]
-        for state_dir in dirs:
-            state_dir.mkdir(parents=True)
-            (state_dir / "agent.yaml").write_text(yaml.safe_dump(AGENT_RUN_CONFIG))
         command_key = None
         if self.mode == "sim":
             from attestation.keys import load_key_file, public_key_of
 
             key = public_key_of(load_key_file(folder / "fleet" / "keys" / "command.pem"))
             command_key = {"keyid": key.keyid, "key": key.to_dict()}
-        return [
-            WorkerSpec(
-                index=w,
-                state_dirs=tuple(str(d) for d in dirs[w::workers]),
-                threads=options.threads,
-                log_file=str(folder / f"devices-{w}.log"),
-                log_level=options.agent_log_level,
-                simulated=self.mode == "sim",
-                command_key=command_key,
-                rune_sha256=sha256,
-            )
-            for w in range(workers)
-        ]
+        return make_specs(
+            folder,
+            total,
+            self.options,
+            name="devices",
+            simulated=self.mode == "sim",
+            command_key=command_key,
+            rune_sha256=sha256,
+        )
 
     def _connect(self, ctl: Controller, workers: Workers, result: RolloutResult) -> None:
         api, total = ctl.api, sum(len(spec.state_dirs) for spec in workers.specs)
@@ -345,7 +290,10 @@ class RolloutRun:
             started = time.monotonic()
             workers.run()
             wait_until(
-                lambda: self._online(api) >= total, ONLINE_TIMEOUT_S + total * 0.05, "online", 1.0
+                lambda: online_devices(api) >= total,
+                ONLINE_TIMEOUT_S + total * 0.05,
+                "online",
+                1.0,
             )
             result.connect_s = time.monotonic() - started
         self.console.print(
@@ -353,11 +301,6 @@ class RolloutRun:
             f"{result.connect_s:.1f} s after they started ({result.broker})"
         )
         time.sleep(2.0)  # the hellos' reconciliation is over
-
-    @staticmethod
-    def _online(api: Api) -> int:
-        devices = api.call("GET", "/api/v1/devices")["devices"]
-        return sum(bool(d.get("online")) for d in devices)
 
     def _body(self, devices: list[str]) -> dict[str, Any]:
         options = self.options
@@ -418,7 +361,8 @@ class RolloutRun:
         api, n = ctl.api, len(fleet)
         time.sleep(1.0)
         metrics0 = api.metrics()
-        profilers = self._start_profilers(ctl)
+        profile = f"controller-rollout-{self.mode}-{self.devices}"
+        profilers = start_profilers(self.options, {profile: ctl.process.pid})
         start = sampler.snapshot()
         t0 = time.time()
         created = api.call("POST", "/api/v1/rollouts", self._body(fleet))
@@ -439,15 +383,14 @@ class RolloutRun:
             shown = self._await_state(api, result.rollout_id, self.options.poll_s, devices_done)
         end = sampler.snapshot()
         metrics1 = api.metrics()
-        result.profiles = self._stop_profilers(profilers)
+        result.profiles = stop_profilers(profilers)
         devices = api.call("GET", f"/api/v1/rollouts/{result.rollout_id}/devices")["devices"]
         events = workers.events()
         published = self._publishes(ctl, result.rollout_id)
         if published is not None:
             result.commands_published, result.commands_sent_again = published
         self._summarize(result, shown, devices, events, t0, start, end, metrics0, metrics1)
-        peak = max(sampler.peak_rss("controller", t0, end.at), end.procs["controller"].rss)
-        result.controller_peak_rss_mb = peak / 2**20
+        result.controller_peak_rss_mb = sampler.peak_rss_mb("controller", t0, end)
 
     @staticmethod
     def _finished(workers: Workers) -> int:
@@ -548,40 +491,7 @@ class RolloutRun:
         result.broker_cpu_s = start.cpu(end, "broker")
         result.bench_cpu_s = start.cpu(end, "bench") or 0.0
         result.machine_busy_cores = start.busy(end)
-        known = start.cpu(end, "") or 0.0
-        result.others_cores = max(result.machine_busy_cores - known / result.window_s, 0.0)
-
-    # -- profiles -------------------------------------------------------------------------------
-
-    def _start_profilers(self, ctl: Controller) -> list[tuple[Path, subprocess.Popen[bytes]]]:
-        options = self.options
-        if options.profile_dir is None or options.py_spy is None:
-            return []
-        options.profile_dir.mkdir(parents=True, exist_ok=True)
-        out = options.profile_dir / f"controller-rollout-{self.mode}-{self.devices}.txt"
-        command = [options.py_spy, "record", "-p", str(ctl.process.pid), "-o", str(out)]
-        command += ["--format", "raw", "--rate", "100", "--nonblocking", "--threads"]
-        process = subprocess.Popen(
-            command,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
-        return [(out, process)]
-
-    @staticmethod
-    def _stop_profilers(started: list[tuple[Path, subprocess.Popen[bytes]]]) -> list[str]:
-        for _, process in started:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGINT)
-        for _, process in started:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        return [str(out) for out, _ in started]
+        result.others_cores = start.others(end)
 
 
 # -- output ---------------------------------------------------------------------------------------
@@ -691,15 +601,14 @@ class Report:
                 f"rollout's; target >= {target['target_per_min']:,.0f} devices/min: "
                 f"{fmt(target['devices_per_min'], ',.0f')} -> {verdict}"
             )
-            if result.others_cores > NOISY_CORES:
-                console.print(
-                    f"  [yellow]the machine was not quiet:[/yellow] other processes used "
-                    f"{result.others_cores:.2f} cores during the rollout; times are inflated"
-                )
-            for error in result.agent_errors[:5]:
-                console.print(f"  [red]device error:[/red] {error}", highlight=False)
-            for profile in result.profiles:
-                console.print(f"  profile: {profile}")
+            print_run_notes(
+                console,
+                result.others_cores,
+                result.agent_errors,
+                result.profiles,
+                during="rollout",
+                errors_of="device",
+            )
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -723,45 +632,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--waves", default="10,50%,100%")
     parser.add_argument("--soak", default="0")
     parser.add_argument("--rate", default="100000/s", help="the rollout's rate limit")
-    parser.add_argument("--workers", type=int, default=2, help="device worker processes")
-    parser.add_argument("--threads", type=int, default=16, help="update threads per worker")
-    parser.add_argument(
-        "--enroll-threads", type=int, default=8, help="enrollments in flight, over all workers"
-    )
-    parser.add_argument("--rune", choices=("sine", "legacy"), default="sine")
-    parser.add_argument(
-        "--mqtt-url",
-        default=DEFAULT_MQTT_URL,
-        help="the shared broker (default $FLEET_BENCH_MQTT_URL or mqtt://127.0.0.1:1883)",
-    )
-    parser.add_argument(
-        "--shared-broker",
-        action="store_true",
-        help="use the broker at --mqtt-url instead of a mosquitto of our own per fleet",
-    )
     parser.add_argument(
         "--poll", type=float, default=0.25, help="seconds between rollout polls near the end"
     )
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per rollout")
-    parser.add_argument(
-        "--state-root", type=Path, default=None, help="where fleets and device dirs go (a tmp dir)"
+    add_common_arguments(
+        parser,
+        private_broker=True,
+        workers_help="device worker processes",
+        timeout_help="seconds per rollout",
     )
-    parser.add_argument("--controller-log-level", default="info")
-    parser.add_argument("--agent-log-level", default="warning")
-    parser.add_argument(
-        "--profile", type=Path, default=None, metavar="DIR", help="py-spy profiles to DIR"
-    )
-    parser.add_argument("-o", "--output", choices=("text", "json"), default="text")
-    parser.add_argument("--json", action="store_true", help="same as -o json")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    as_json = args.json or args.output == "json"
     # Wide enough for the table when the output is not a terminal (a log, a pipe).
-    width = None if sys.stdout.isatty() else 132
-    console = Console(stderr=True, width=width) if as_json else Console(width=width)
+    console = report_console(args, width=None if sys.stdout.isatty() else 132)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes):
         console.print(f"--modes takes {' and/or '.join(MODES)}, comma-separated")
@@ -774,56 +660,31 @@ def main(argv: list[str] | None = None) -> int:
             "sim": args.sim_devices,
         }
     )
-    py_spy = os.environ.get("FLEET_BENCH_PY_SPY") or shutil.which("py-spy")
-    if args.profile is not None and py_spy is None:
-        console.print("--profile needs py-spy on PATH or in $FLEET_BENCH_PY_SPY")
-        return 2
-    options = Options(
-        workers=args.workers,
-        threads=args.threads,
-        enroll_threads=args.enroll_threads,
-        private_broker=not args.shared_broker,
-        mqtt_url=args.mqtt_url,
+    options = Options.from_args(
+        args,
         baseline=max(0, min(args.baseline, 1) if args.quick else args.baseline),
         waves=args.waves,
         soak=args.soak,
         rate=args.rate,
         poll_s=args.poll,
-        timeout_s=args.timeout,
-        state_root=args.state_root,
-        controller_log_level=args.controller_log_level,
-        agent_log_level=args.agent_log_level,
-        profile_dir=args.profile,
-        py_spy=py_spy,
     )
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        with tempfile.TemporaryDirectory(prefix="fleet-bench-rune-") as scratch, quiet_stderr():
-            rune = make_rune(args.rune, Path(scratch))
+
+    def measure(rune: RuneFile) -> Report:
         results = [RolloutRun(m, sizes[m], rune, options, console).run() for m in modes]
-    except BenchError as exc:
-        console.print(f"[red]bench failed:[/red] {exc}", highlight=False)
-        return 1
-    except KeyboardInterrupt:
-        console.print("interrupted; everything the bench started was stopped")
-        return 130
-    report = Report(
-        {"ref": rune.ref, "kind": rune.kind, "bytes": len(rune.data)},
-        {
-            "waves": options.waves,
-            "soak": options.soak,
-            "rate": options.rate,
-            "workers": options.workers,
-            "broker": "private" if options.private_broker else options.mqtt_url,
-            "cpus": os.cpu_count(),
-        },
-        results,
-    )
-    if as_json:
-        print(json.dumps(report.to_json()))
-    else:
-        report.print(console)
-    return 0
+        return Report(
+            {"ref": rune.ref, "kind": rune.kind, "bytes": len(rune.data)},
+            {
+                "waves": options.waves,
+                "soak": options.soak,
+                "rate": options.rate,
+                "workers": options.workers,
+                "broker": "private" if options.private_broker else options.mqtt_url,
+                "cpus": os.cpu_count(),
+            },
+            results,
+        )
+
+    return run_bench(args, options, console, measure)
 
 
 if __name__ == "__main__":
