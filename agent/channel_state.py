@@ -1,17 +1,24 @@
 """The agent's side of the command channel that must survive restarts: sequences and results.
 
-Kept in `state_dir/channel.json`, rewritten whole and durably on every change (`agent.durable`).
+Kept in `state_dir/channel.json`, rewritten whole and durably (`agent.durable`) on every change
+that must survive a crash.
 
 Rules:
-- A sequence number is persisted before the message carrying it is signed, so no two messages of
-  one stream ever share a `seq`, whatever crashes in between.
+- Sequence numbers are reserved in blocks of `SEQ_BLOCK`: the file holds the highest number
+  reserved (`sent`), written before any number of the block is used, and a new process continues
+  above it. So no two messages of one stream ever share a `seq`, whatever crashes in between;
+  a crash skips the rest of a block, which receivers do not mind (they want each `seq` above the
+  last, not the next one), and a device writes the file once per `SEQ_BLOCK` messages instead of
+  once per message.
 - The last accepted command `seq` is persisted before the command is acted on: a command replayed
   after a restart is still refused.
 - A command id is executed at most once: its result is kept (the last `RESULTS_KEPT`), and a
   command that arrives again is answered with that result instead of being run again. A command
   that was in flight when the agent stopped is dropped from `in_flight` by the next process
   (`abandon`), so `hello` does not claim it is running: the controller sends it again and it
-  runs again; every handler is idempotent (a deploy of the active rune does nothing).
+  runs again; every handler is idempotent (a deploy of the active rune does nothing). Which
+  phase it had reached (`progress`) is kept in memory only, since a restart abandons it
+  whatever the phase.
 - A file that is not this format is an error naming the file; it is never silently reset, since
   that would reopen the replay window.
 """
@@ -29,6 +36,7 @@ from agent.durable import write_atomically
 FILE = "channel.json"
 FORMAT = "fleet-channel/1"
 RESULTS_KEPT = 64
+SEQ_BLOCK = 64
 STREAMS = ("status", "presence")
 
 
@@ -58,7 +66,8 @@ class ChannelState:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / FILE
         self._lock = threading.Lock()
-        self._sent = dict.fromkeys(STREAMS, 0)
+        self._sent = dict.fromkeys(STREAMS, 0)  # the last seq used, per stream
+        self._reserved = dict.fromkeys(STREAMS, 0)  # the highest seq reserved (what is stored)
         self._command_seq = 0
         self._results: list[CommandRecord] = []
         self._in_flight: CommandRecord | None = None
@@ -70,7 +79,9 @@ class ChannelState:
     def next_seq(self, stream: str) -> int:
         with self._lock:
             self._sent[stream] += 1
-            self._save()
+            if self._sent[stream] > self._reserved[stream]:
+                self._reserved[stream] = self._sent[stream] + SEQ_BLOCK - 1
+                self._save()
             return self._sent[stream]
 
     @property
@@ -103,7 +114,6 @@ class ChannelState:
             if self._in_flight is not None:
                 flight = self._in_flight
                 self._in_flight = CommandRecord(flight.id, flight.type, state, "", now)
-                self._save()
 
     def finish(self, command_id: str, type_: str, state: str, reason: str, now: float) -> None:
         with self._lock:
@@ -150,7 +160,7 @@ class ChannelState:
             if document.get("format") != FORMAT:
                 raise ValueError(f"format is not {FORMAT}")
             for stream in STREAMS:
-                self._sent[stream] = _count(document["sent"][stream])
+                self._sent[stream] = self._reserved[stream] = _count(document["sent"][stream])
             self._command_seq = _count(document["command_seq"])
             self._results = [_record(r) for r in document["results"]][-RESULTS_KEPT:]
             flight = document.get("in_flight")
@@ -165,7 +175,7 @@ class ChannelState:
     def _save(self) -> None:
         document = {
             "format": FORMAT,
-            "sent": self._sent,
+            "sent": self._reserved,
             "command_seq": self._command_seq,
             "results": [r.to_json() for r in self._results],
             "in_flight": None if self._in_flight is None else self._in_flight.to_json(),

@@ -13,7 +13,8 @@ Rules:
   (`unknown-key`), even by a device that has not heard from the controller since the rotation.
   If the refresh fails (the repository is unreachable, or slower than `KEY_CONFIRM_TIMEOUT_S`),
   the known key is used only when TUF confirmed it less than `KEY_GRACE_S` ago; otherwise the
-  command is refused (`stale-key`).
+  command is refused (`stale-key`). The deploy that follows looks its rune up in the metadata
+  that check refreshed (if it is at most `REFRESHED_REUSE_S` old) instead of refreshing again.
 - A refused message is counted, logged and reported to the controller as a `security-event`
   (at most `SECURITY_REPORTS_PER_MINUTE`, the rest counted in the next report); it changes
   nothing else. No message, however malformed, stops the daemon.
@@ -82,7 +83,13 @@ from ota.protocol import (
     topic,
 )
 from ota.targets import TargetNameError, check_part
-from ota.updater import UpdateError, UpdateRefused, UpdateUnauthorized, UpdateUnavailable
+from ota.updater import (
+    TufClient,
+    UpdateError,
+    UpdateRefused,
+    UpdateUnauthorized,
+    UpdateUnavailable,
+)
 
 log = logging.getLogger("fleet.agent")
 
@@ -93,6 +100,7 @@ SECURITY_REPORTS_PER_MINUTE = 10
 UNKNOWN_KEY_REFRESHES_PER_MINUTE = 6
 KEY_GRACE_S = 3600.0
 KEY_CONFIRM_TIMEOUT_S = 5.0
+REFRESHED_REUSE_S = 10.0
 OUTGOING_LIMIT = 1000
 RENEWAL_CHECK_S = 60.0
 HELLO_INTERVAL_S = 300.0
@@ -167,6 +175,9 @@ class Daemon:
         self.command_key: Key | None = None
         self._unknown_key_refreshes: deque[float] = deque()
         self._key_confirmed_at: float | None = None
+        # The client the last command-key check refreshed, and when (monotonic): the next deploy
+        # takes it instead of refreshing again, if it is at most `REFRESHED_REUSE_S` old.
+        self._refreshed: tuple[TufClient, float] | None = None
         self._outgoing: asyncio.Queue[Outgoing] = asyncio.Queue(OUTGOING_LIMIT)
         self._work: asyncio.Queue[Message] = asyncio.Queue()
         self._busy: str | None = None
@@ -477,6 +488,8 @@ class Daemon:
         """`update`, tried again while the repository is unreachable, for up to DEPLOY_RETRY_S."""
         give_up = time.monotonic() + DEPLOY_RETRY_S
         attempt = 0
+        fresh, self._refreshed = self._refreshed, None
+        refreshed = fresh[0] if fresh and time.monotonic() - fresh[1] <= REFRESHED_REUSE_S else None
         while True:
             try:
                 return await asyncio.to_thread(
@@ -490,10 +503,12 @@ class Daemon:
                     clock=self.clock,
                     slots=self.slots,
                     on_phase=on_phase,
+                    refreshed=refreshed,
                 )
             except UpdateUnauthorized:
                 raise
             except UpdateUnavailable as exc:
+                refreshed = None  # a retry refreshes
                 ceiling = min(DEPLOY_RETRY_CAP_S, DEPLOY_RETRY_BASE_S * 2 ** min(attempt, 16))
                 delay = self._rng.uniform(ceiling / 2, ceiling)
                 if time.monotonic() + delay > give_up:
@@ -620,11 +635,10 @@ class Daemon:
                     await asyncio.wait_for(stop.wait(), delay)
 
     def _learn_command_key(self, timeout_s: float | None = None) -> None:
-        client = tuf_client(
-            self.state_dir, self.config.server_url, self.identity, timeout_s=timeout_s
-        )
-        client.refresh()
-        document = client.command_key()
+        client = tuf_client(self.state_dir, self.config.server_url, self.identity)
+        with client.fetcher.limited(timeout_s) if timeout_s else contextlib.nullcontext():
+            client.refresh()
+            document = client.command_key()
         try:
             key = SSlibKey.from_dict(str(document["keyid"]), dict(document["key"]))
         except (KeyError, TypeError, ValueError) as exc:
@@ -633,3 +647,4 @@ class Daemon:
             ) from None
         self.command_key = key
         self._key_confirmed_at = self.clock()
+        self._refreshed = (client, time.monotonic())

@@ -24,9 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version as dist_version
 from pathlib import Path
-from typing import Any
-
-import urllib3
 
 from agent.faults import crash_point
 from agent.health import HealthReport, health_check
@@ -72,27 +69,13 @@ class UpdateReport:
         self.steps.append(text)
 
 
-def tuf_client(
-    state_dir: Path, server: str, identity: DeviceIdentity, *, timeout_s: float | None = None
-) -> TufClient:
-    """The device's TUF client; with `timeout_s`, each request gets that long, once, no retries
-    (for a check that must not hold the device up when the repository is slow)."""
-    options: dict[str, Any] = {}
-    if timeout_s is not None:
-        options = {
-            "connect_timeout": timeout_s,
-            "read_timeout": timeout_s,
-            "total_timeout": timeout_s,
-            "retries": 0,
-            "pool": urllib3.PoolManager(
-                retries=False, timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s)
-            ),
-        }
+def tuf_client(state_dir: Path, server: str, identity: DeviceIdentity) -> TufClient:
+    """The device's TUF client (`client.fetcher.limited(s)` bounds a check that must not hold
+    the device up when the repository is slow)."""
     fetcher = TufFetcher.for_device(
         identity,
         partial_dir=state_dir / PARTIAL_DIR,
         progress=lambda _url, _received: crash_point("download"),
-        **options,
     )
     return TufClient(state_dir / TUF_DIR, server, fetcher, state_dir / TUF_DIR / "downloads")
 
@@ -159,22 +142,27 @@ def update(
     clock: Callable[[], float] = time.time,
     slots: Slots | None = None,
     on_phase: Callable[[str], None] | None = None,
+    refreshed: TufClient | None = None,
 ) -> UpdateReport:
     """Update to `org/name@version`. `slots` is the caller's `Slots` when it has one open (the
     daemon shares one between its rune loop and updates); `on_phase` hears each phase as it
-    starts: "downloading", "verifying", "health-check", "installing"."""
+    starts: "downloading", "verifying", "health-check", "installing". `refreshed` is a client
+    the caller refreshed moments ago (the daemon's check of the command key, for this very
+    command), whose metadata is used as it is instead of being fetched again."""
     policy = policy or AgentPolicy()
     path = rune_target_path(org, name, version)
     report = UpdateReport(path)
-    identity = DeviceIdentity.load_or_create(state_dir)
     if slots is None:
         slots = Slots(state_dir, policy=policy.probation)
         slots.recover(clock())
-    client = tuf_client(state_dir, server, identity)
     phase = on_phase or (lambda _phase: None)
-
-    client.refresh()
-    report.step("refreshed the signed metadata (root, timestamp, snapshot, targets)")
+    if refreshed is None:
+        client = tuf_client(state_dir, server, DeviceIdentity.load_or_create(state_dir))
+        client.refresh()
+        report.step("refreshed the signed metadata (root, timestamp, snapshot, targets)")
+    else:
+        client = refreshed
+        report.step("uses the signed metadata refreshed when the command arrived")
     revoked = enforce_revocations(slots, client, clock())
     if revoked:
         report.step(f"stopped the active rune: {revoked}")

@@ -115,11 +115,37 @@ class TufFetcher(FetcherInterface):
             timeout=self._timeout,
         )
         self._expected_target: str | None = None
+        self._request_retries: bool | None = None  # None: the pool's own retries
 
     @classmethod
     def for_device(cls, identity: DeviceIdentity, **options: Any) -> TufFetcher:
         """A fetcher that signs every request with `identity`'s key."""
         return cls(device_request_signer(identity.signer, identity.device_id), **options)
+
+    @contextlib.contextmanager
+    def limited(self, seconds: float) -> Iterator[None]:
+        """Within this block a request gets at most `seconds` to connect, to answer and in all,
+        and nothing is tried twice: for a check that must not hold the device up."""
+        saved = (
+            self._timeout,
+            self._read_timeout,
+            self._total_timeout,
+            self._retries,
+            self._request_retries,
+        )
+        self._timeout = urllib3.Timeout(connect=seconds, read=seconds)
+        self._read_timeout = self._total_timeout = seconds
+        self._retries, self._request_retries = 0, False
+        try:
+            yield
+        finally:
+            (
+                self._timeout,
+                self._read_timeout,
+                self._total_timeout,
+                self._retries,
+                self._request_retries,
+            ) = saved
 
     # The updater's side.
 
@@ -312,6 +338,7 @@ class TufFetcher(FetcherInterface):
                 decode_content=False,
                 redirect=False,
                 timeout=self._timeout,
+                retries=self._request_retries,
             )
         except urllib3.exceptions.MaxRetryError as exc:
             reason = exc.reason

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.channel_state import FILE, ChannelState, ChannelStateError
+from agent.channel_state import FILE, SEQ_BLOCK, ChannelState, ChannelStateError
 from agent.daemon import Daemon, SessionConfig
 
 
@@ -19,7 +19,8 @@ def test_sequences_and_results_survive_a_restart(tmp_path: Path) -> None:
     state.begin("c1", "deploy", "received", 1.0)
     state.finish("c1", "deploy", "succeeded", "installed in slot a", 2.0)
     again = ChannelState(tmp_path)
-    assert again.next_seq("status") == 4 and again.next_seq("presence") == 1
+    # Above every seq the first process could have used (it reserved a block), never a repeat.
+    assert again.next_seq("status") == SEQ_BLOCK + 1 and again.next_seq("presence") == 1
     assert again.command_seq == 7
     with pytest.raises(ValueError):
         again.accept_command_seq(7)
@@ -29,6 +30,19 @@ def test_sequences_and_results_survive_a_restart(tmp_path: Path) -> None:
         "succeeded",
         "installed in slot a",
     )
+
+
+def test_sequence_numbers_are_reserved_in_blocks_and_never_reused(tmp_path: Path) -> None:
+    state = ChannelState(tmp_path)
+
+    def stored() -> int:
+        return int(json.loads((tmp_path / FILE).read_text())["sent"]["status"])
+
+    assert state.next_seq("status") == 1 and stored() == SEQ_BLOCK
+    used = [state.next_seq("status") for _ in range(SEQ_BLOCK)]
+    assert used == list(range(2, SEQ_BLOCK + 2)) and stored() == 2 * SEQ_BLOCK
+    # A crash now skips the rest of the block: the next process starts above it.
+    assert ChannelState(tmp_path).next_seq("status") == 2 * SEQ_BLOCK + 1
 
 
 def test_abandon_forgets_only_that_command_in_flight_and_persists_it(tmp_path: Path) -> None:
