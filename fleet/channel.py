@@ -11,6 +11,12 @@ Rules:
   (`last_seen_at`; `online` for a presence; the runes a status or a `hello` reports, and a
   `hello`'s `last_hello` and agent version) is written by that same update, so a message is
   accepted and recorded in one statement, or neither; only then is it acted on (the outbox).
+- Messages are taken in batches: a worker takes every message waiting in its queue (up to
+  `BATCH_MAX`). A run of `status` and `presence` messages is recorded in one transaction, one
+  update per device and stream for all of them (`WHERE seq < first`, advancing to the last, when
+  their seqs rise; otherwise, or if that update changes nothing, one at a time as above), and
+  the command reports among them go to the outbox together (`Outbox.report_many`). A `hello` or
+  a `security-event` is recorded and acted on alone, in its place in the order.
 - Device messages are handled concurrently by `DISPATCH_WORKERS` tasks. Each device is hashed to
   one of them, so one device's messages are handled one at a time, in the order the broker
   delivered them (the conditional update would refuse an older `seq` handled late, so order is
@@ -91,9 +97,8 @@ DISPATCH_QUEUE_SIZE = 256
 BATCH_MAX = 256
 PUBLISH_PENDING_WARNING = 2 * sql.CHUNK
 _SEQ_FIELD = {Channel.STATUS: "status_seq", Channel.PRESENCE: "presence_seq"}
-# What is recorded in runs (one transaction, one UPDATE per device and stream): the messages whose
-# recorded fields are plain columns. A hello (its JSON `last_hello`, a reconciliation) or a
-# security event is recorded and acted on alone, in its place.
+# What is recorded in runs: the messages whose recorded fields are plain columns (a hello's
+# `last_hello` is JSON, and it is reconciled).
 _IN_RUNS = frozenset({MessageType.STATUS, MessageType.PRESENCE})
 
 
