@@ -31,9 +31,9 @@ from agent.policy import AgentPolicy
 from agent.sandbox.limits import SandboxLimits
 from agent.slots import SlotRune, Slots
 from attestation.identity import DeviceIdentity
+from attestation.policy import AllOf
 from ota.fetcher import TufFetcher
 from ota.target_policy import (
-    AllOf,
     CapabilitiesAllowed,
     KindSupported,
     MinimumAgentVersion,

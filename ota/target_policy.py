@@ -1,10 +1,9 @@
 """What a device checks about a rune target before and after downloading it.
 
 Rules:
-- A check returns a `Verdict` with a reason, passed or not; a `Verdict` is truthy only when it
-  passed, so `if policy.check(t):` cannot pass a failure by accident.
-- `AllOf` passes only when every policy in it passes and reports the first failure; an `AllOf`
-  with no policies is a configuration error, never a pass.
+- Every check is an `attestation.policy` policy over a `RuneTarget`: it passes (`affirming`) or
+  fails (`contraindicated`) with a reason, and they combine with `AllOf`, which reports every
+  failure and is never empty.
 - Before download (from the signed `custom` metadata): the target is the one requested, of a kind
   this agent runs, reads only capabilities this device allows, and needs an agent no newer than
   this one. A minimum version that cannot be read is a failure, not "no minimum".
@@ -31,10 +30,10 @@ import zipfile
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
 
 import wasmtime
 
+from attestation.policy import Verdict
 from ota.rune.bundle import (
     DEFAULT_MAX_BYTES,
     MANIFEST,
@@ -66,37 +65,6 @@ class _Described:
 
 
 @dataclass(frozen=True)
-class Verdict:
-    ok: bool
-    reason: str
-
-    def __bool__(self) -> bool:
-        return self.ok
-
-
-class Policy(Protocol):
-    def check(self, target: RuneTarget) -> Verdict: ...
-
-
-class AllOf:
-    """Passes when every one of `policies` passes."""
-
-    def __init__(self, *policies: Policy) -> None:
-        if not policies:
-            raise ValueError("AllOf needs at least one policy; an empty AllOf would pass anything")
-        self.policies = policies
-
-    def check(self, target: RuneTarget) -> Verdict:
-        reasons = []
-        for policy in self.policies:
-            verdict = policy.check(target)
-            if not verdict.ok:
-                return verdict
-            reasons.append(verdict.reason)
-        return Verdict(True, "; ".join(reasons))
-
-
-@dataclass(frozen=True)
 class RequestedTarget:
     """The metadata describes the rune that was asked for."""
 
@@ -108,12 +76,11 @@ class RequestedTarget:
         wanted = (self.org, self.name, self.version)
         got = (target.org, target.name, target.version)
         if got != wanted:
-            return Verdict(
-                False,
+            return Verdict.failed(
                 f"asked for {self.org}/{self.name}@{self.version} but the metadata describes "
                 f"{target.org}/{target.ref}",
             )
-        return Verdict(True, f"{target.org}/{target.ref} is the requested rune")
+        return Verdict.passed(f"{target.org}/{target.ref} is the requested rune")
 
 
 @dataclass(frozen=True)
@@ -125,10 +92,10 @@ class KindSupported:
     def check(self, target: RuneTarget) -> Verdict:
         if target.kind not in self.kinds:
             supported = ", ".join(sorted(self.kinds)) or "none"
-            return Verdict(
-                False, f"{target.ref} is a {target.kind} rune; this agent runs {supported}"
+            return Verdict.failed(
+                f"{target.ref} is a {target.kind} rune; this agent runs {supported}"
             )
-        return Verdict(True, f"{target.kind} runes are supported")
+        return Verdict.passed(f"{target.kind} runes are supported")
 
 
 @dataclass(frozen=True)
@@ -141,13 +108,12 @@ class CapabilitiesAllowed:
         allowed = {c.upper() for c in self.allowed}
         refused = sorted({c.upper() for c in target.capabilities} - allowed)
         if refused:
-            return Verdict(
-                False,
+            return Verdict.failed(
                 f"{target.ref} reads {', '.join(refused)}, which this device does not allow "
                 f"(allowed: {', '.join(sorted(allowed)) or 'none'})",
             )
         used = ", ".join(sorted({c.upper() for c in target.capabilities})) or "no capabilities"
-        return Verdict(True, f"{target.ref} reads {used}, all allowed")
+        return Verdict.passed(f"{target.ref} reads {used}, all allowed")
 
 
 @dataclass(frozen=True)
@@ -163,19 +129,17 @@ class MinimumAgentVersion:
     def check(self, target: RuneTarget) -> Verdict:
         needed = version_key(target.min_agent_version)
         if not needed:
-            return Verdict(
-                False,
+            return Verdict.failed(
                 f"{target.ref} names an unreadable minimum agent version "
                 f"{target.min_agent_version!r}",
             )
         if version_key(self.agent_version) < needed:
-            return Verdict(
-                False,
+            return Verdict.failed(
                 f"{target.ref} needs agent {target.min_agent_version} or newer; this agent is "
                 f"{self.agent_version}",
             )
-        return Verdict(
-            True, f"agent {self.agent_version} meets the minimum {target.min_agent_version}"
+        return Verdict.passed(
+            f"agent {self.agent_version} meets the minimum {target.min_agent_version}"
         )
 
 
@@ -184,10 +148,9 @@ def rune_matches_target(target: RuneTarget, data: bytes) -> Verdict:
     try:
         description = _describe(data)
     except _Unreadable as exc:
-        return Verdict(False, f"the downloaded {target.ref} is not a readable rune: {exc}")
+        return Verdict.failed(f"the downloaded {target.ref} is not a readable rune: {exc}")
     if description.kind != target.kind:
-        return Verdict(
-            False,
+        return Verdict.failed(
             f"the metadata says {target.ref} is a {target.kind} rune but the file is a "
             f"{description.kind} rune",
         )
@@ -195,20 +158,18 @@ def rune_matches_target(target: RuneTarget, data: bytes) -> Verdict:
         target.name,
         target.version,
     ):
-        return Verdict(
-            False,
+        return Verdict.failed(
             f"the metadata describes {target.ref} but the bundle's manifest says "
             f"{description.name}@{description.version}",
         )
     declared = _kinds(target.capabilities)
     read = _kinds(description.capabilities)
     if declared != read:
-        return Verdict(
-            False,
+        return Verdict.failed(
             f"the metadata says {target.ref} reads {_names(declared)} but the rune reads "
             f"{_names(read)}",
         )
-    return Verdict(True, f"the downloaded {target.ref} matches its signed metadata")
+    return Verdict.passed(f"the downloaded {target.ref} matches its signed metadata")
 
 
 def _kinds(names: Iterable[str]) -> frozenset[str]:

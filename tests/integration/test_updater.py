@@ -17,11 +17,11 @@ from tuf.api.metadata import Metadata, MetaFile, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 
 from attestation.identity import DeviceIdentity
+from attestation.policy import AllOf
 from ota.fetcher import TufFetcher
 from ota.repository import ONLINE_ROLES, Lifetimes, PublishedFile, Repository
 from ota.rune.build import build_bundle
 from ota.target_policy import (
-    AllOf,
     CapabilitiesAllowed,
     KindSupported,
     MinimumAgentVersion,
