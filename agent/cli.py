@@ -15,13 +15,16 @@ import sys
 import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from agent.sandbox.engine import engine
+
+if TYPE_CHECKING:
+    from agent.attester import Attester
 
 EXIT_FAILED = 1
 EXIT_REFUSED = 3
@@ -130,7 +133,10 @@ def update(
         policy = AgentPolicy.load(state_dir)
         if root is not None and provision_root(state_dir, root):
             err.print(f"trusting the fleet root from {root}", highlight=False)
-        report = run_update(state_dir, server, org, name, version, policy=policy)
+        attester = _attested(state_dir, server, output, target)
+        report = run_update(
+            state_dir, server, org, name, version, policy=policy, passport=attester.passport
+        )
     except ValueError as exc:
         _fail(str(exc), 2 if not isinstance(exc, PolicyError) else EXIT_STATE)
     except UpdaterSetupError as exc:
@@ -252,6 +258,7 @@ def enroll(
         _fail(f"enrollment refused: {exc}", EXIT_REFUSED)
     except EnrollUnavailable as exc:
         _fail(f"cannot enroll now: {exc}", EXIT_FAILED)
+    attested = _attest_after_enrollment(state_dir, result.server) if result.enrolled else None
     if output is Output.json:
         _emit_json(
             result.to_json()
@@ -259,6 +266,7 @@ def enroll(
                 "cert_not_before": iso(result.cert_not_before),
                 "cert_not_after": iso(result.cert_not_after),
                 "updated_at": iso(result.updated_at),
+                "attestation": attested,
             }
         )
     elif result.state == "enrolled":
@@ -266,6 +274,8 @@ def enroll(
         if result.cert_not_after is not None:
             out.print(f"certificate valid until {iso(result.cert_not_after)}", highlight=False)
         out.print(f"broker {result.broker_url or '(none given)'}", highlight=False)
+        if attested is not None:
+            out.print(f"attestation {_attestation_text(attested)}", highlight=False)
     elif result.state == "pending":
         out.print(f"device {result.device_id} [bold yellow]pending[/]", highlight=False)
         out.print(
@@ -281,9 +291,111 @@ def enroll(
         _fail(f"device {result.device_id} is {result.state}", EXIT_REFUSED)
 
 
+def _attested(state_dir: Path, server: str, output: Output, target: str) -> Attester:
+    """Attest before an update (the controller serves runes only to attested devices)."""
+    from agent.attester import (
+        AttestationFailed,
+        AttestationUnauthorized,
+        AttestationUnavailable,
+        attester_for,
+    )
+    from attestation.policy import Status
+
+    attester = attester_for(state_dir, server)
+    try:
+        result = attester.attest()
+    except AttestationUnauthorized as exc:
+        _emit_failure(output, target, "unavailable", "unauthorized", str(exc))
+        _fail(f"update not possible now (unauthorized): {exc}", EXIT_FAILED)
+    except AttestationUnavailable as exc:
+        _emit_failure(output, target, "unavailable", "attestation", str(exc))
+        _fail(f"cannot attest now: {exc}", EXIT_FAILED)
+    except AttestationFailed as exc:
+        _emit_failure(output, target, "refused", "attestation", str(exc))
+        _fail(f"attestation refused: {exc}; nothing was installed", EXIT_REFUSED)
+    if result.status is not Status.AFFIRMING:
+        reasons = "; ".join(result.reasons)
+        _emit_failure(output, target, "refused", "attestation", reasons)
+        _fail(
+            f"the controller's attestation result is {result.status.label}: {reasons}; "
+            "nothing was installed",
+            EXIT_REFUSED,
+        )
+    return attester
+
+
+def _attest_after_enrollment(state_dir: Path, server: str) -> dict[str, Any]:
+    """Attest once enrolled; a failure is reported, not fatal (the controller asks again)."""
+    from agent.attester import AttestationFailed, attester_for
+
+    try:
+        result = attester_for(state_dir, server).attest()
+    except AttestationFailed as exc:
+        return {"status": None, "error": str(exc)}
+    return {"status": result.status.label, "reasons": list(result.reasons)}
+
+
+def _attestation_text(attested: dict[str, Any]) -> str:
+    if attested.get("status") is None:
+        return f"not done: {attested.get('error')} (the controller will ask again)"
+    status, reasons = str(attested["status"]), attested.get("reasons") or []
+    return status + (f": {'; '.join(reasons)}" if status != "affirming" else "")
+
+
 def _emit_failure(output: Output, target: str, status: str, kind: str, reason: str) -> None:
     if output is Output.json:
         _emit_json({"target": target, "status": status, "kind": kind, "reason": reason})
+
+
+@app.command()
+def attest(
+    server: Annotated[
+        str | None,
+        typer.Option(
+            "--server",
+            envvar="FLEET_SERVER",
+            help="Controller URL (default: where the device enrolled).",
+        ),
+    ] = None,
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
+    output: OutputOpt = Output.text,
+) -> None:
+    """Attest to the controller now and show the result it gave.
+
+    Exit codes: 0 affirming; 3 warning, contraindicated or refused (the reasons say why); 1 the
+    controller is unavailable; 5 the device is not enrolled.
+    """
+    from agent.attester import AttestationFailed, AttestationUnavailable, attester_for
+    from agent.enroll import load_enrollment
+    from attestation.policy import Status
+
+    enrollment = load_enrollment(state_dir)
+    target = server or (enrollment.server if enrollment is not None else None)
+    if not target:
+        _fail(f"{state_dir} holds no enrollment; enroll first or pass --server", EXIT_STATE)
+    try:
+        result = attester_for(state_dir, target).attest()
+    except AttestationUnavailable as exc:
+        _fail(f"cannot attest now: {exc}", EXIT_FAILED)
+    except AttestationFailed as exc:
+        _fail(f"attestation refused: {exc}", EXIT_REFUSED)
+    if output is Output.json:
+        _emit_json(
+            {
+                "status": result.status.label,
+                "reasons": list(result.reasons),
+                "issued_at": result.issued_at,
+                "expires_at": result.expires_at,
+            }
+        )
+    else:
+        colour = {"affirming": "green", "warning": "yellow"}.get(result.status.label, "red")
+        out.print(f"[bold {colour}]{result.status.label}[/]", highlight=False)
+        for reason in result.reasons:
+            out.print(f"- {reason}", highlight=False)
+        out.print(f"fresh until {time.ctime(result.expires_at)}", highlight=False)
+    if result.status is not Status.AFFIRMING:
+        raise typer.Exit(EXIT_REFUSED)
 
 
 @app.command()
@@ -291,7 +403,9 @@ def status(
     state_dir: StateDirOpt = DEFAULT_STATE_DIR,
     output: OutputOpt = Output.text,
 ) -> None:
-    """Show the slots: the active and previous rune, probation, and the recent history."""
+    """Show the slots: the active and previous rune, probation, the recent history, and the
+    last attestation result."""
+    from agent.attester import stored_attestation
     from agent.slots import SlotError, Slots
 
     try:
@@ -302,12 +416,23 @@ def status(
             runes[name] = slots.rune(ref.slot).to_json() | {"slot": ref.slot} if ref else None
     except SlotError as exc:
         _fail(str(exc), EXIT_STATE)
+    stored = stored_attestation(state_dir)
+    attestation = None
+    if stored is not None:
+        attestation = {
+            "status": stored.status.label,
+            "reasons": list(stored.reasons),
+            "issued_at": stored.issued_at,
+            "expires_at": stored.expires_at,
+            "passport": stored.passport(time.time()) is not None,
+        }
     if output is Output.json:
         _emit_json(
             runes
             | {
                 "probation": state.probation.to_json() if state.probation else None,
                 "history": [e.to_json() for e in state.history],
+                "attestation": attestation,
             }
         )
         return
@@ -320,6 +445,15 @@ def status(
         out.print(f"{name:<9} {text}", highlight=False)
     if state.probation is not None:
         out.print(f"probation until {time.ctime(state.probation.ends_at())}", highlight=False)
+    if stored is None:
+        out.print("attested  never", highlight=False)
+    else:
+        fresh = "fresh" if time.time() < stored.expires_at else "expired"
+        out.print(
+            f"attested  {stored.status.label} at {time.ctime(stored.issued_at)} "
+            f"({fresh} until {time.ctime(stored.expires_at)})",
+            highlight=False,
+        )
     table = Table("when", "event", "rune", "slot", "reason")
     for event in state.history[-10:]:
         table.add_row(

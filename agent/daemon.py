@@ -61,6 +61,12 @@ from urllib.parse import urlsplit
 import aiomqtt
 from securesystemslib.signer import Key, SSlibKey
 
+from agent.attester import (
+    AttestationFailed,
+    AttestationRefused,
+    AttestationUnavailable,
+    attester_for,
+)
 from agent.channel_state import ChannelState
 from agent.enroll import EnrollError, load_enrollment, renew_if_due
 from agent.policy import AgentPolicy
@@ -69,6 +75,7 @@ from agent.runloop import RuneLoop, StepKind, StepResult
 from agent.slots import NoRollbackTarget, SlotError, SlotRune, Slots
 from agent.update import UpdateReport, agent_version, tuf_client, update
 from attestation.identity import DeviceIdentity
+from attestation.policy import Status
 from ota.protocol import (
     CONTROLLER,
     PRESENCE_TTL_S,
@@ -172,6 +179,13 @@ class Daemon:
             config.state_dir, self.slots, self.policy, RunConfig.load(config.state_dir)
         )
         self._running_sha: str | None = None
+        self.attester = attester_for(
+            config.state_dir,
+            config.server_url,
+            slots=self.slots,
+            broker_url=config.broker_url,
+            clock=clock,
+        )
         self.command_key: Key | None = None
         self._unknown_key_refreshes: deque[float] = deque()
         self._key_confirmed_at: float | None = None
@@ -453,6 +467,8 @@ class Daemon:
             return await asyncio.to_thread(self._rollback, message)
         if message.type is MessageType.CONFIG:
             return await self._configure(message)
+        if message.type is MessageType.ATTEST:
+            return await self._attest()
         return CommandState.REFUSED, f"{message.type.value} is not a command this agent runs"
 
     async def _deploy(self, message: Message) -> tuple[CommandState, str]:
@@ -475,6 +491,8 @@ class Daemon:
             return CommandState.REFUSED, f"{exc.kind}: {exc}"
         except (UpdateError, SlotError) as exc:
             return CommandState.FAILED, str(exc)
+        except AttestationFailed as exc:
+            return CommandState.FAILED, f"attestation: {exc}"
         if report.status == "health-check-failed":
             reason = report.health.reason if report.health else "health check failed"
             return CommandState.FAILED, f"health check: {reason}"
@@ -485,13 +503,15 @@ class Daemon:
     async def _update_retrying(
         self, cid: str, org: str, name: str, version: str, on_phase: Callable[[str], None]
     ) -> UpdateReport:
-        """`update`, tried again while the repository is unreachable, for up to DEPLOY_RETRY_S."""
+        """Attest, then `update`; both tried again while the controller is unreachable, for up
+        to DEPLOY_RETRY_S."""
         give_up = time.monotonic() + DEPLOY_RETRY_S
         attempt = 0
         fresh, self._refreshed = self._refreshed, None
         refreshed = fresh[0] if fresh and time.monotonic() - fresh[1] <= REFRESHED_REUSE_S else None
         while True:
             try:
+                await self._attested()
                 return await asyncio.to_thread(
                     update,
                     self.state_dir,
@@ -504,10 +524,11 @@ class Daemon:
                     slots=self.slots,
                     on_phase=on_phase,
                     refreshed=refreshed,
+                    passport=self.attester.passport,
                 )
             except UpdateUnauthorized:
                 raise
-            except UpdateUnavailable as exc:
+            except (UpdateUnavailable, AttestationUnavailable) as exc:
                 refreshed = None  # a retry refreshes
                 ceiling = min(DEPLOY_RETRY_CAP_S, DEPLOY_RETRY_BASE_S * 2 ** min(attempt, 16))
                 delay = self._rng.uniform(ceiling / 2, ceiling)
@@ -516,6 +537,24 @@ class Daemon:
                 attempt += 1
                 log.warning("command %s: %s; trying again in %.1f s", cid, exc, delay)
                 await asyncio.sleep(delay)
+
+    async def _attested(self) -> None:
+        """Attest now; `AttestationFailed` unless the result is affirming."""
+        result = await asyncio.to_thread(self.attester.attest)
+        if result.status is not Status.AFFIRMING:
+            raise AttestationRefused(
+                f"the controller's attestation result is {result.status.label}: "
+                + "; ".join(result.reasons)
+            )
+
+    async def _attest(self) -> tuple[CommandState, str]:
+        """The `attest` command: attest now; `done` with the result's status and reasons."""
+        try:
+            result = await asyncio.to_thread(self.attester.attest)
+        except AttestationFailed as exc:
+            return CommandState.FAILED, f"attestation: {exc}"
+        reasons = "" if result.status is Status.AFFIRMING else ": " + "; ".join(result.reasons)
+        return CommandState.DONE, f"{result.status.label}{reasons}"
 
     def _progress(self, cid: str, phase: str) -> None:
         self.channel.progress(phase, self.clock())
@@ -635,7 +674,9 @@ class Daemon:
                     await asyncio.wait_for(stop.wait(), delay)
 
     def _learn_command_key(self, timeout_s: float | None = None) -> None:
-        client = tuf_client(self.state_dir, self.config.server_url, self.identity)
+        client = tuf_client(
+            self.state_dir, self.config.server_url, self.identity, self.attester.passport
+        )
         with client.fetcher.limited(timeout_s) if timeout_s else contextlib.nullcontext():
             client.refresh()
             document = client.command_key()

@@ -69,13 +69,20 @@ class UpdateReport:
         self.steps.append(text)
 
 
-def tuf_client(state_dir: Path, server: str, identity: DeviceIdentity) -> TufClient:
-    """The device's TUF client (`client.fetcher.limited(s)` bounds a check that must not hold
-    the device up when the repository is slow)."""
+def tuf_client(
+    state_dir: Path,
+    server: str,
+    identity: DeviceIdentity,
+    passport: Callable[[], str | None] | None = None,
+) -> TufClient:
+    """The device's TUF client; `passport` gives the attestation result its rune downloads
+    present (`client.fetcher.limited(s)` bounds a check that must not hold the device up when
+    the repository is slow)."""
     fetcher = TufFetcher.for_device(
         identity,
         partial_dir=state_dir / PARTIAL_DIR,
         progress=lambda _url, _received: crash_point("download"),
+        passport=passport,
     )
     return TufClient(state_dir / TUF_DIR, server, fetcher, state_dir / TUF_DIR / "downloads")
 
@@ -143,12 +150,14 @@ def update(
     slots: Slots | None = None,
     on_phase: Callable[[str], None] | None = None,
     refreshed: TufClient | None = None,
+    passport: Callable[[], str | None] | None = None,
 ) -> UpdateReport:
     """Update to `org/name@version`. `slots` is the caller's `Slots` when it has one open (the
     daemon shares one between its rune loop and updates); `on_phase` hears each phase as it
     starts: "downloading", "verifying", "health-check", "installing". `refreshed` is a client
     the caller refreshed moments ago (the daemon's check of the command key, for this very
-    command), whose metadata is used as it is instead of being fetched again."""
+    command), whose metadata is used as it is instead of being fetched again. `passport` gives
+    the device's attestation result, which the controller needs to see before it serves a rune."""
     policy = policy or AgentPolicy()
     path = rune_target_path(org, name, version)
     report = UpdateReport(path)
@@ -157,7 +166,7 @@ def update(
         slots.recover(clock())
     phase = on_phase or (lambda _phase: None)
     if refreshed is None:
-        client = tuf_client(state_dir, server, DeviceIdentity.load_or_create(state_dir))
+        client = tuf_client(state_dir, server, DeviceIdentity.load_or_create(state_dir), passport)
         client.refresh()
         report.step("refreshed the signed metadata (root, timestamp, snapshot, targets)")
     else:

@@ -86,10 +86,7 @@ class AllOf(Generic[Checked]):
         self.policies = policies
 
     def check(self, subject: Checked) -> Verdict:
-        verdicts = [policy.check(subject) for policy in self.policies]
-        worst = max(verdict.status for verdict in verdicts)
-        shown = verdicts if worst is Status.AFFIRMING else [v for v in verdicts if not v.ok]
-        return Verdict(worst, _reasons(shown))
+        return worst_of([policy.check(subject) for policy in self.policies])
 
 
 class AnyOf(Generic[Checked]):
@@ -105,6 +102,13 @@ class AnyOf(Generic[Checked]):
         best = min(verdict.status for verdict in verdicts)
         shown = verdicts if best is not Status.AFFIRMING else [v for v in verdicts if v.ok]
         return Verdict(best, _reasons(shown))
+
+
+def worst_of(verdicts: Sequence[Verdict]) -> Verdict:
+    """The verdicts as one, the way `AllOf` combines them."""
+    worst = max(verdict.status for verdict in verdicts)
+    shown = verdicts if worst is Status.AFFIRMING else [v for v in verdicts if not v.ok]
+    return Verdict(worst, _reasons(shown))
 
 
 def _reasons(verdicts: Sequence[Verdict]) -> tuple[str, ...]:

@@ -717,9 +717,21 @@ def push_rune(api: Api, rune: RuneFile) -> dict[str, Any]:
     return pushed
 
 
-def online_devices(api: Api) -> int:
+def online_devices(api: Api, attested: bool = False) -> int:
+    """How many devices are online (and, with `attested`, hold a fresh affirming result: what a
+    rollout needs of them)."""
     devices = api.call("GET", "/api/v1/devices")["devices"]
-    return sum(bool(d.get("online")) for d in devices)
+    return sum(
+        bool(d.get("online"))
+        and (
+            not attested
+            or (
+                (d.get("attestation") or {}).get("status") == "affirming"
+                and d["attestation"]["fresh"]
+            )
+        )
+        for d in devices
+    )
 
 
 @dataclass(frozen=True)

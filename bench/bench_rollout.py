@@ -18,13 +18,15 @@ drops the rest of a wave's burst of reports; those devices then wait for their n
    identity, is enrolled through the API like an agent, keeps its own MQTT session (client id =
    device id, signed `offline` last will), publishes a signed retained `online` presence and a
    `hello`, checks each command as the agent does (`ota.protocol.open_message` with the command
-   key TUF publishes, which the bench reads from the fleet dir instead of through TUF), and then
-   publishes, in order and with its next `seq`s, signed `status` reports `received`,
-   `downloading`, `verifying`, `installing`, `health-check`, `succeeded`: the same envelopes and
-   bodies (runes included) a real agent sends, without TUF, download, sandbox or slot. So the
-   rollout's pace is the controller's (and the broker's) alone.
+   key TUF publishes, which the bench reads from the fleet dir instead of through TUF), attests
+   as the agent does before a deploy (`agent.attester`: a challenge and signed evidence over
+   HTTP, appraised by the controller), and then publishes, in order and with its next `seq`s,
+   signed `status` reports `received`, `downloading`, `verifying`, `installing`, `health-check`,
+   `succeeded`: the same envelopes and bodies (runes included) a real agent sends, without TUF,
+   download, sandbox or slot. So the rollout's pace is the controller's (and the broker's) alone.
 
-For each, every device enrolls (one enrollment token, `agent.enroll.enroll`) and connects, the
+For each, every device enrolls (one enrollment token, `agent.enroll.enroll`), connects and
+attests (the controller asks it to when it connects: a rollout takes only attested devices), the
 rune is pushed, and then:
 
 - Baseline (same fleet, same run): `--baseline` (default 3) extra devices, each rolled out to alone
@@ -286,19 +288,19 @@ class RolloutRun:
         threads = max(1, self.options.enroll_threads // max(len(workers.specs), 1))
         with self.console.status(f"{self.label}: enrolling {total} devices through the API"):
             result.enroll_s = workers.enroll(ctl.url, ctl.root_json, token["token"], threads)
-        with self.console.status(f"{self.label}: starting the devices, waiting until online"):
+        with self.console.status(f"{self.label}: starting the devices, until online and attested"):
             started = time.monotonic()
             workers.run()
             wait_until(
-                lambda: online_devices(api) >= total,
+                lambda: online_devices(api, attested=True) >= total,
                 ONLINE_TIMEOUT_S + total * 0.05,
                 "online",
                 1.0,
             )
             result.connect_s = time.monotonic() - started
         self.console.print(
-            f"{self.label}: {total} devices enrolled in {result.enroll_s:.1f} s, all online "
-            f"{result.connect_s:.1f} s after they started ({result.broker})"
+            f"{self.label}: {total} devices enrolled in {result.enroll_s:.1f} s, all online and "
+            f"attested {result.connect_s:.1f} s after they started ({result.broker})"
         )
         time.sleep(2.0)  # the hellos' reconciliation is over
 

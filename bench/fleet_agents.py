@@ -292,8 +292,10 @@ class SimDevice:
     device as audience, fresh, `seq` above the last one), but then nothing is done: a deploy is
     reported `received`, `downloading`, `verifying`, `installing`, `health-check` and `succeeded`
     at once (a rollback `rolled-back`, anything else `refused`), with no TUF, download, sandbox or
-    slot. A command id it already ran gets its result again, as the agent does. Sequence numbers
-    live in memory: a simulated device is enrolled afresh for every run.
+    slot. Like the agent it attests (`agent.attester`: a challenge, signed evidence, the result)
+    when it gets an `attest` command and before each deploy, which fails unless the result is
+    affirming. A command id it already ran gets its result again, as the agent does. Sequence
+    numbers live in memory: a simulated device is enrolled afresh for every run.
     """
 
     def __init__(self, state_dir: Path, command_key: dict[str, Any], rune_sha256: str) -> None:
@@ -317,6 +319,28 @@ class SimDevice:
         self.results: dict[str, tuple[str, str]] = {}
         self.active: dict[str, str] | None = None
         self.previous: dict[str, str] | None = None
+        self.attester = _sim_attester(state_dir, enrollment.server, self.identity, self._claims)
+
+    def _claims(self) -> tuple[Any, Any]:
+        from attestation.evidence import RuneClaim
+
+        def claim(rune: dict[str, str] | None) -> Any:
+            return RuneClaim(rune["ref"], rune["sha256"]) if rune else None
+
+        return claim(self.active), claim(self.previous)
+
+    async def _attested(self) -> tuple[bool, str]:
+        """Attest now, as the agent does: (affirming?, why not)."""
+        from agent.attester import AttestationFailed
+        from attestation.policy import Status
+
+        try:
+            result = await asyncio.to_thread(self.attester.attest)
+        except AttestationFailed as exc:
+            return False, f"attestation: {exc}"
+        if result.status is not Status.AFFIRMING:
+            return False, f"attestation: {result.status.label}: {'; '.join(result.reasons)}"
+        return True, result.status.label
 
     async def run(self, stop: asyncio.Event) -> None:
         import aiomqtt
@@ -418,10 +442,19 @@ class SimDevice:
         if message.type is MessageType.DEPLOY:
             body = message.body
             ref = f"{body.get('org')}/{body.get('name')}@{body.get('version')}"
-            for state in SIM_DEPLOY_STATES:
-                await self._status(client, cid, state, "")
-            self.previous, self.active = self.active, {"ref": ref, "sha256": self.rune_sha256}
-            result = ("succeeded", "installed in slot b (simulated)")
+            await self._status(client, cid, "received", "")
+            attested, why = await self._attested()
+            if attested:
+                for state in SIM_DEPLOY_STATES[1:]:
+                    await self._status(client, cid, state, "")
+                self.previous, self.active = self.active, {"ref": ref, "sha256": self.rune_sha256}
+                result = ("succeeded", "installed in slot b (simulated)")
+            else:
+                result = ("failed", why)
+        elif message.type is MessageType.ATTEST:
+            await self._status(client, cid, "received", "")
+            attested, why = await self._attested()
+            result = ("done", why) if attested else ("failed", why)
         elif message.type is MessageType.ROLLBACK:
             await self._status(client, cid, "received", "")
             self.previous, self.active = self.active, self.previous
@@ -475,6 +508,27 @@ class SimDevice:
 
 
 _connects: asyncio.Semaphore | None = None
+_agent_code: Any = None
+_attest_http: Any = None
+
+
+def _sim_attester(state_dir: Path, server: str, identity: Any, runes: Any) -> Any:
+    """The product's attester for a simulated device; the worker's devices share one measurement
+    of the agent code and one HTTP pool (thousands of pools would be thousands of sockets)."""
+    global _agent_code, _attest_http
+    import urllib3
+
+    from agent.attester import AgentCode, Attester, SoftwareEvidence, effective_config
+    from agent.update import agent_version
+
+    if _agent_code is None:
+        _agent_code = AgentCode()
+        _attest_http = urllib3.PoolManager(
+            num_pools=4, maxsize=16, timeout=urllib3.Timeout(connect=10.0, read=60.0), retries=False
+        )
+    config = effective_config(state_dir, server)
+    producer = SoftwareEvidence(identity, agent_version(), lambda: config, runes, code=_agent_code)
+    return Attester(state_dir, server, identity, producer, http=_attest_http)
 
 
 @contextlib.asynccontextmanager

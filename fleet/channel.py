@@ -187,6 +187,8 @@ class BrokerLink:
             asyncio.Queue(queue_size) for _ in range(workers)
         ]
         self._workers: list[asyncio.Task[None]] = []
+        # What else a device's `hello` starts (the controller asks it to attest if it is due).
+        self.on_hello: Callable[[str], Awaitable[None]] = _nothing
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="broker-link")
@@ -444,6 +446,7 @@ class BrokerLink:
         elif message.type is MessageType.HELLO:
             resent = await self.outbox.reconcile(device_id, body)
             log("device.hello", device=device_id, resent=resent)
+            await self.on_hello(device_id)
         elif message.type is MessageType.STATUS:  # one a command's report is not
             log(
                 "device.rune_changed",
@@ -470,6 +473,10 @@ class BrokerLink:
             device=device_id,
             reason=str(refusal)[:300],
         )
+
+
+async def _nothing(_device_id: str) -> None:
+    return None
 
 
 def _recorded(message: Message) -> dict[str, Any]:

@@ -567,19 +567,43 @@ def _parse_labels(items: list[str] | None, option: str = "--label") -> dict[str,
 
 
 def _device_table(devices: list[dict[str, Any]]) -> Table:
-    table = Table("id", "state", "labels", "last seen", "agent", "active rune")
+    table = Table("id", "state", "attestation", "labels", "last seen", "agent", "active rune")
     colours = {"enrolled": "green", "pending": "yellow", "rejected": "red"}
     for d in devices:
         colour = colours.get(d["state"], "white")
         table.add_row(
             d["id"],
             f"[{colour}]{d['state']}[/]",
+            attestation_cell(d),
             _labels_text(d["labels"]),
             _when(d["last_seen_at"]),
             d.get("agent_version") or "-",
             d.get("active_rune") or "-",
         )
     return table
+
+
+ATTESTATION_COLOURS = {"affirming": "green", "warning": "yellow", "contraindicated": "red"}
+
+
+def attestation_cell(device: dict[str, Any]) -> str:
+    """A device's attestation in one cell: quarantined in red, else its last status and age."""
+    if device.get("quarantine"):
+        return "[bold red]QUARANTINED[/]"
+    result = device.get("attestation")
+    if not result:
+        return "[dim]none yet[/]"
+    colour = ATTESTATION_COLOURS.get(result["status"], "white")
+    stale = "" if result["fresh"] else " [yellow](stale)[/]"
+    return f"[{colour}]{result['status']}[/] {_age(result['age_s'])}{stale}"
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
 
 
 @devices_app.command("list")
@@ -595,7 +619,7 @@ def devices_list(
     token: TokenOpt = None,
     output: OutputOpt = Output.text,
 ) -> None:
-    """List devices: state, labels, last seen, agent version, active rune."""
+    """List devices: state, attestation, labels, last seen, agent version, active rune."""
     _parse_labels(label)
     params: list[tuple[str, str]] = [("label", item) for item in label or []]
     if state:
@@ -616,7 +640,7 @@ def devices_show(
     token: TokenOpt = None,
     output: OutputOpt = Output.text,
 ) -> None:
-    """Show one device: state, labels, certificate, and the facts it reported."""
+    """Show one device: state, labels, certificate, attestation, and the facts it reported."""
     d = _call(
         server, token, lambda c: c.request("GET", f"/api/v1/devices/{quote(device_id, safe='')}")
     )
@@ -639,6 +663,21 @@ def devices_show(
         ("public key", d["public_key"]),
     ):
         table.add_row(name, str(value))
+    table.add_row("attestation", attestation_cell(d))
+    result = d.get("attestation")
+    if result:
+        table.add_row(
+            "  attested",
+            f"{_when(result['attested_at'])} (fresh until {_when(result['expires_at'])})",
+        )
+        for reason in result["reasons"]:
+            table.add_row("  reason", reason)
+    quarantine = d.get("quarantine")
+    if quarantine:
+        table.add_row(
+            "[bold red]quarantined[/]",
+            f"[red]since {_when(quarantine['since'])}: {quarantine['reason']}[/]",
+        )
     for name, value in sorted((d.get("facts") or {}).items()):
         table.add_row(f"fact {name}", "-" if value is None else str(value))
     out.print(table)
@@ -864,6 +903,12 @@ def enroll_tokens_revoke(
 from fleet.rollout_cli import rollout_app  # noqa: E402
 
 app.add_typer(rollout_app, name="rollout")
+
+
+# Attestation (fleet/attestation_cli.py adds `devices attest` and `devices release` too).
+from fleet.attestation_cli import attestation_app  # noqa: E402
+
+app.add_typer(attestation_app, name="attestation")
 
 
 def main() -> None:

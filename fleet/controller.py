@@ -7,8 +7,8 @@ Rules:
   unrenewed timestamp only expires hours later.
 - Device keys are looked up in the database and cached; registering a device updates the cache,
   and any change of a device's state (approve, reject, remove) calls `forget_device`.
-- The fleet CA (`ca`) is loaded, or made for a fleet created before it existed, when the
-  controller starts.
+- The fleet CA (`ca`) and the attestation key (`attestation`) are loaded, or made for a fleet
+  created before they existed, when the controller starts.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from securesystemslib.signer import SSlibKey
 
 from attestation.keys import key_from_raw
+from fleet.attestation import AttestationService
 from fleet.ca import FleetCA
 from fleet.db.models import Device, Rune
 from fleet.fleetdir import FleetConfig, FleetDir
@@ -70,6 +71,15 @@ class Controller:
         self._device_keys.pop(device_id, None)
 
     @functools.cached_property
+    def attestation(self) -> AttestationService:
+        """Challenges, appraisal and results, with the fleet's attestation key (made on first
+        use)."""
+        _, ttl = self.config.attestation_times()
+        return AttestationService.open(
+            self.fleet_dir.key_file("attestation"), self.config.name, ttl, self.metrics.registry
+        )
+
+    @functools.cached_property
     def ca(self) -> FleetCA:
         """The fleet CA (made on first use if the fleet has none yet)."""
         return FleetCA.load_or_create(self.fleet_dir.keys, self.config.name)
@@ -112,6 +122,7 @@ class Controller:
     def start(self) -> None:
         subject = self.ca.certificate.subject.rfc4514_string()  # made now if the fleet has none
         log("ca.ready", certificate=str(self.fleet_dir.ca_cert), subject=subject)
+        log("attestation.ready", key=self.attestation.public_key.keyid)
         self._renewal = asyncio.create_task(self._renewal_loop(), name="tuf-renewal")
 
     async def stop(self) -> None:

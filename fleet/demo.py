@@ -1,9 +1,11 @@
 """`fleetctl demo`: a whole fleet on this machine, end to end, on embedded defaults.
 
 A temporary fleet (SQLite, the embedded broker inside the controller), N agents as separate
-processes that enroll with a token, the example sine rune built, pushed, and rolled out to every
+processes that enroll with a token and attest (evidence of their code, config and runes,
+appraised by the controller), the example sine rune built, pushed, and rolled out to every
 device in two waves (a canary, then the rest; one wave for a single device) through signed
-commands, then a summary of what each device verified, installed and runs, and of the rollout.
+commands, then a summary of what each device attested, verified, installed and runs, and of the
+rollout.
 
 Rules:
 - Everything lives in one temporary directory, removed on exit (Ctrl-C included) unless `--keep`;
@@ -62,6 +64,7 @@ class DeviceRow:
     reason: str = ""
     active_rune: str | None = None
     outputs: int = 0
+    attestation: dict[str, Any] | None = None
 
     @property
     def running(self) -> bool:
@@ -77,6 +80,7 @@ class DeviceRow:
             "installed": self.active_rune is not None,
             "running": self.running,
             "outputs": self.outputs,
+            "attestation": self.attestation,
         }
 
 
@@ -201,7 +205,10 @@ def _demo(
         for row in rows:
             processes.start(f"agent-{row.index}", AGENT, "run", "--state-dir", str(row.state_dir))
         _wait_online(api, rows)
-    console.print(f"{count} agents enrolled and connected (each its own process and key)")
+    console.print(
+        f"{count} agents enrolled, connected and attested (each its own process, key and "
+        "measurement of its code)"
+    )
 
     rollout = _call(
         api,
@@ -222,6 +229,7 @@ def _demo(
     for row in rows:
         device = _call(api, "GET", f"/api/v1/devices/{row.id}")
         row.active_rune = device.get("active_rune")
+        row.attestation = _attestation(device)
     _wait_running(rows)
     return {
         "rune": f"default/{EXAMPLE}@{EXAMPLE_VERSION}",
@@ -325,14 +333,26 @@ def _enroll(processes: Processes, row: DeviceRow, server: str, root: Path, token
 
 
 def _wait_online(api: ApiClient, rows: list[DeviceRow]) -> None:
+    """Until every agent is connected and has attested (the controller asks each at connection);
+    a device without a fresh affirming result would be skipped by the rollout."""
     deadline = time.monotonic() + START_TIMEOUT_S
     wanted = {row.id for row in rows}
     while time.monotonic() < deadline:
         devices = _call(api, "GET", "/api/v1/devices")["devices"]
-        if wanted <= {d["id"] for d in devices if d.get("online")}:
+        if wanted <= {d["id"] for d in devices if d.get("online") and _attestation(d)}:
             return
         time.sleep(0.2)
-    raise DemoError(f"not every agent connected to the broker within {START_TIMEOUT_S:.0f} s")
+    raise DemoError(
+        f"not every agent connected to the broker and attested within {START_TIMEOUT_S:.0f} s"
+    )
+
+
+def _attestation(device: dict[str, Any]) -> dict[str, Any] | None:
+    """A device's attestation as the summary shows it: status and age (None: not yet)."""
+    result = device.get("attestation")
+    if not result:
+        return None
+    return {"status": result["status"], "age_s": result["age_s"], "reasons": result["reasons"]}
 
 
 def _follow(console: Console, api: ApiClient, rollout_id: str, rows: list[DeviceRow]) -> Any:
@@ -398,13 +418,16 @@ def _table(rows: list[DeviceRow]) -> Table:
 def _print_summary(console: Console, summary: dict[str, Any]) -> None:
     table = Table(title=f"Fleet demo: {summary['rune']}")
     table.add_column("device", no_wrap=True)
-    for column in ("verified", "installed", "running", "outputs"):
+    for column in ("attested", "verified", "installed", "running", "outputs"):
         table.add_column(column)
     table.add_column("active rune", no_wrap=True)
     mark = {True: "[green]yes[/green]", False: "[red]no[/red]"}
     for device in summary["devices"]:
+        attested = (device["attestation"] or {}).get("status")
+        colour = {"affirming": "green", "warning": "yellow"}.get(attested or "", "red")
         table.add_row(
             device["id"],
+            f"[{colour}]{attested or 'no'}[/]",
             mark[device["verified"]],
             mark[device["installed"]],
             mark[device["running"]],

@@ -12,7 +12,8 @@ Layout (made by `fleetctl init`):
 
 Rules: a directory without `fleet.yaml` is not a fleet (`FleetDirError` says to run `fleetctl
 init`); the config is validated when loaded and a bad value is named with its key. Durations
-(`device_cert_lifetime`) are seconds or a number with a unit (`90s`, `30m`, `24h`, `7d`).
+(`device_cert_lifetime`, `attestation_interval`, `attestation_ttl`) are seconds or a number with a
+unit (`90s`, `30m`, `24h`, `7d`).
 """
 
 from __future__ import annotations
@@ -85,6 +86,10 @@ class FleetConfig:
     device_cert_lifetime: int | float | str = "24h"
     # The MQTT broker URL handed to devices at enrollment; None: the controller fills it in.
     device_broker_url: str | None = None
+    # How often the controller asks each online device to attest, and how long a result stays
+    # fresh (a device without a fresh affirming result is ineligible for rollouts and downloads).
+    attestation_interval: int | float | str = "1h"
+    attestation_ttl: int | float | str = "2h"
 
     def lifetimes(self) -> Lifetimes:
         return Lifetimes(**{role: timedelta(hours=h) for role, h in self.lifetimes_hours.items()})
@@ -92,6 +97,10 @@ class FleetConfig:
     def cert_lifetime(self) -> timedelta:
         """`device_cert_lifetime` as a timedelta (validated when the config was loaded)."""
         return parse_duration(self.device_cert_lifetime)
+
+    def attestation_times(self) -> tuple[timedelta, timedelta]:
+        """(`attestation_interval`, `attestation_ttl`), validated when the config was loaded."""
+        return parse_duration(self.attestation_interval), parse_duration(self.attestation_ttl)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(asdict(self), sort_keys=False)
@@ -128,6 +137,18 @@ class FleetConfig:
             raise FleetDirError(
                 f"{source}: device_cert_lifetime must be between 5m and 90d, not "
                 f"{config.device_cert_lifetime!r}"
+            )
+        try:
+            interval, ttl = config.attestation_times()
+        except ValueError as exc:
+            raise FleetDirError(
+                f"{source}: attestation_interval or attestation_ttl: {exc}"
+            ) from None
+        if ttl <= interval:
+            raise FleetDirError(
+                f"{source}: attestation_ttl ({config.attestation_ttl}) must be longer than "
+                f"attestation_interval ({config.attestation_interval}), or results lapse between "
+                "attestations"
             )
         broker = config.device_broker_url
         if broker is not None and (

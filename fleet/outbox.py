@@ -20,6 +20,8 @@ Rules:
   restarted, the device was offline) still arrives.
 - Time is the outbox's `clock` and nothing else: the deadline, the envelope's `iat` and `exp`,
   when a resend is due.
+- A quarantined device (`fleet.attestation`) gets no command but `attest`: the others are
+  refused when they are created.
 - States only move forward: a terminal state (`TERMINAL`) is never changed, and a device can only
   report on its own commands. Every state change is a conditional UPDATE on the state the row has
   in the database, never a save of a copy read earlier, so concurrent handlers (a re-send, a
@@ -175,12 +177,11 @@ class Outbox:
         wanted = [r.command_id for r in requests if r.command_id is not None]
         existing = {c.id: c for c in await Command.filter(id__in=wanted)} if wanted else {}
         device_ids = list({r.device_id for r in requests})
-        enrolled = {
-            str(device_id)
-            for device_id in await Device.filter(id__in=device_ids, state="enrolled").values_list(
-                "id", flat=True
-            )
-        }
+        rows = await Device.filter(id__in=device_ids, state="enrolled").values_list(
+            "id", "quarantined_at", "quarantine_reason"
+        )
+        enrolled = {str(device_id) for device_id, _, _ in rows}
+        quarantined = {str(device_id): str(why) for device_id, at, why in rows if at is not None}
         now = self.clock()
         made: list[Command] = []
         new: list[Command] = []
@@ -191,6 +192,8 @@ class Outbox:
                 made.append(found)
             elif request.device_id not in enrolled:
                 refused.append((request, f"device {request.device_id} is not enrolled"))
+            elif request.device_id in quarantined and request.type is not MessageType.ATTEST:
+                refused.append((request, _quarantined(request.device_id, quarantined)))
             else:
                 command = Command(
                     id=request.command_id or uuid.uuid4().hex,
@@ -467,6 +470,13 @@ class Outbox:
                     reason=change.reason[:200],
                 )
             self.on_change(change)
+
+
+def _quarantined(device_id: str, reasons: dict[str, str]) -> str:
+    return (
+        f"device {device_id} is quarantined ({reasons[device_id][:300]}): it gets no command but "
+        f"`attest` until it attests clean or an admin runs `fleetctl devices release {device_id}`"
+    )
 
 
 def _wall_clock() -> datetime:

@@ -23,8 +23,9 @@ Rules:
   slot, naming that rune (`to`): the agent switches only if its previous slot holds it, and
   answers `done` if it is already active (a device whose deploy failed). A deploy of the older
   version would be refused by the agent's anti-rollback check.
-- A device the fleet cannot notify now: `ineligible` when it is no longer enrolled, `offline` when
-  `Device.online` is false.
+- A device the fleet cannot notify now: `ineligible` when it is no longer enrolled or has no fresh
+  affirming attestation result (the reason says which), `quarantined` when a contraindicated
+  result quarantined it, `offline` when `Device.online` is false.
 - Times in the JSON are ISO 8601 UTC; the state machine's times are POSIX seconds of the same
   clock as the outbox's.
 """
@@ -39,6 +40,7 @@ from typing import Any
 
 from tortoise.transactions import in_transaction
 
+from attestation.policy import Status
 from fleet.db import sql
 from fleet.db.models import Command, Device, RolloutDevice, Rune
 from fleet.db.models import Rollout as RolloutRow
@@ -69,6 +71,7 @@ from fleet.rollouts import (
     SendRollback,
     Skip,
     SkipReason,
+    Unavailable,
     WaveStarted,
 )
 from ota.protocol import MessageType
@@ -177,20 +180,37 @@ def change_of(command: Command) -> CommandChange:
 
 @dataclass
 class FleetData:
-    """The enrolled devices (labels, online) and which devices unfinished rollouts hold."""
+    """The enrolled devices (labels, online, attestation, quarantine) at `now`, and which devices
+    unfinished rollouts hold."""
 
+    now: datetime
     labels: dict[str, dict[str, str]] = field(default_factory=dict)
     online: dict[str, bool] = field(default_factory=dict)
     held: dict[str, list[str]] = field(default_factory=dict)  # device id -> rollout ids
+    # device id -> why it cannot take a rollout now: quarantined, or no fresh affirming result
+    quarantined: dict[str, str] = field(default_factory=dict)
+    not_attested: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    async def load(cls) -> FleetData:
-        data = cls()
-        for device_id, labels, online in await Device.filter(state="enrolled").values_list(
-            "id", "labels", "online"
-        ):
-            data.labels[str(device_id)] = dict(labels or {})
-            data.online[str(device_id)] = bool(online)
+    async def load(cls, now: datetime) -> FleetData:
+        data = cls(now)
+        rows = await Device.filter(state="enrolled").values_list(
+            "id",
+            "labels",
+            "online",
+            "attestation_status",
+            "attestation_expires_at",
+            "quarantined_at",
+            "quarantine_reason",
+        )
+        for device_id, labels, online, status, expires, quarantined, why in rows:
+            device = str(device_id)
+            data.labels[device] = dict(labels or {})
+            data.online[device] = bool(online)
+            if quarantined is not None:
+                data.quarantined[device] = str(why or "no reason recorded")
+            elif (problem := _attestation_problem(status, expires, now)) is not None:
+                data.not_attested[device] = problem
         active = await RolloutRow.filter(state__in=ACTIVE).values_list("id", flat=True)
         if active:
             for rollout_id, device_id in await RolloutDevice.filter(
@@ -227,12 +247,29 @@ class View:
             self._selection = self.fleet.select(self.selector, self.devices, self.rollout_id)
         return self._selection
 
-    def unavailable(self, device_id: str) -> SkipReason | None:
-        if device_id not in self.fleet.labels:
-            return SkipReason.INELIGIBLE
-        if not self.fleet.online.get(device_id, False):
-            return SkipReason.OFFLINE
+    def unavailable(self, device_id: str) -> Unavailable | None:
+        fleet = self.fleet
+        if device_id not in fleet.labels:
+            return Unavailable(SkipReason.INELIGIBLE, "no longer enrolled")
+        if device_id in fleet.quarantined:
+            return Unavailable(SkipReason.QUARANTINED, fleet.quarantined[device_id])
+        if not fleet.online.get(device_id, False):
+            return Unavailable(SkipReason.OFFLINE)
+        if device_id in fleet.not_attested:
+            return Unavailable(SkipReason.INELIGIBLE, fleet.not_attested[device_id])
         return None
+
+
+def _attestation_problem(status: str | None, expires: datetime | None, now: datetime) -> str | None:
+    """Why a device's last attestation result does not let it take a rollout, or None."""
+    if status is None or expires is None:
+        return "it has not attested yet"
+    if status != Status.AFFIRMING.label:
+        return f"its last attestation result is {status}"
+    if expires <= now:
+        minutes = (now - expires).total_seconds() / 60
+        return f"its attestation result expired {minutes:.0f} min ago"
+    return None
 
 
 def view_for(row: RolloutRow, fleet: FleetData) -> View:
@@ -382,7 +419,7 @@ async def create(body: Mapping[str, Any], created_by: str, now: datetime) -> dic
         raise RolloutRefused(404, f"rune {label} is not published; push it first")
     if rune.revoked_at is not None:
         raise RolloutRefused(409, f"rune {label} is revoked")
-    fleet = await FleetData.load()
+    fleet = await FleetData.load(now)
     selection = fleet.select(request.selector, request.devices, None)
     if not selection:
         raise RolloutRefused(

@@ -121,6 +121,18 @@ class InvalidAction(RolloutError):
     """An operator action the rollout's state does not allow (pausing a finished rollout...)."""
 
 
+@dataclass(frozen=True)
+class Unavailable:
+    """Why a device cannot be notified now, with what the fleet knows about it."""
+
+    reason: SkipReason
+    detail: str | None = None
+
+    @property
+    def text(self) -> str:
+        return f"{self.reason.value}: {self.detail}" if self.detail else self.reason.value
+
+
 class FleetView(Protocol):
     """What the machine asks the fleet, when it needs it."""
 
@@ -128,7 +140,7 @@ class FleetView(Protocol):
         """The devices the rollout's selector matches now, with their labels."""
         ...
 
-    def unavailable(self, device_id: str) -> SkipReason | None:
+    def unavailable(self, device_id: str) -> Unavailable | None:
         """Why the device cannot be notified now (offline, quarantined, ineligible), or None."""
         ...
 
@@ -138,13 +150,14 @@ class FleetSnapshot:
     """A `FleetView` over plain dicts (tests, and a scheduler that loads the fleet first)."""
 
     devices: dict[str, dict[str, str]] = field(default_factory=dict)
-    unavailable_devices: dict[str, SkipReason] = field(default_factory=dict)
+    unavailable_devices: dict[str, SkipReason | Unavailable] = field(default_factory=dict)
 
     def selection(self) -> Selection:
         return self.devices
 
-    def unavailable(self, device_id: str) -> SkipReason | None:
-        return self.unavailable_devices.get(device_id)
+    def unavailable(self, device_id: str) -> Unavailable | None:
+        why = self.unavailable_devices.get(device_id)
+        return Unavailable(why) if isinstance(why, SkipReason) else why
 
 
 @dataclass(frozen=True)
@@ -567,13 +580,13 @@ class Rollout:
         self._set(target, state, reason)
         return False
 
-    def _give_up(self, target: Target, why: SkipReason, out: list[Decision]) -> None:
+    def _give_up(self, target: Target, why: Unavailable, out: list[Decision]) -> None:
         """A pending device will not be notified: skipped, or its last failure if it had one."""
         if target.last_failure is not None:
             self._set(target, target.last_failure, target.reason)
         else:
-            self._set(target, DeviceState.SKIPPED, why.value)
-            out.append(Skip(target.id, why))
+            self._set(target, DeviceState.SKIPPED, why.text)
+            out.append(Skip(target.id, why.reason))
 
     def _settle(self, now: float, fleet: FleetView | None, out: list[Decision]) -> None:
         while True:
@@ -649,7 +662,7 @@ class Rollout:
         """Finish: cancel what was never sent; a rollback covers every notified device."""
         for target in self.targets.values():
             if target.state is DeviceState.PENDING:
-                self._give_up(target, SkipReason.CANCELLED, out)
+                self._give_up(target, Unavailable(SkipReason.CANCELLED), out)
             if state is RolloutState.ROLLED_BACK and target.attempts:
                 target.rollback = RollbackState.PENDING
         self.state, self.reason, self.finished_at = state, reason, now

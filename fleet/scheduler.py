@@ -237,7 +237,7 @@ class Scheduler:
             for rollout_id in list(self.rollouts):
                 loaded = self.rollouts[rollout_id]
                 if ticking and self._due(loaded, now) and fleet is None:
-                    fleet = await FleetData.load()
+                    fleet = await FleetData.load(self.clock())
                 await self._pass(loaded, fleet)
             self._observe(now)
             self._wake.clear()

@@ -3,7 +3,8 @@
 Rules:
 - Startup order: database (with migrations), repository, an immediate renewal (the controller may
   have been down past a timestamp's expiry), the broker (the embedded one unless a broker URL is
-  given) and the link to it, then the HTTP listener and the rollout scheduler (`fleet.scheduler`);
+  given), this controller's agent release as an attestation reference, the link to the broker,
+  then the HTTP listener, the rollout scheduler (`fleet.scheduler`) and the attestation schedule;
   the first line on stdout is `listening on http://HOST:PORT` once requests are accepted (port 0
   picks a free port), the second `broker mqtt://HOST:PORT` (the URL devices are given).
 - Shutdown: stop accepting, let in-flight requests finish (up to `SHUTDOWN_GRACE_S`), stop the
@@ -30,6 +31,7 @@ from pathlib import Path
 from aiohttp import web
 
 from fleet.api.app import make_app
+from fleet.attestation import AttestationSchedule, register_own_release
 from fleet.broker import EmbeddedBroker
 from fleet.channel import BrokerLink, BrokerSettings, ChannelMetrics
 from fleet.controller import Controller
@@ -94,6 +96,7 @@ async def running_controller(
     broker: EmbeddedBroker | None = None
     link: BrokerLink | None = None
     scheduler: Scheduler | None = None
+    schedule: AttestationSchedule | None = None
     try:
         repository = await FleetRepository.open(fleet_dir, config.lifetimes())
         ctl = Controller(fleet_dir, config, repository, version=dist_version("fleet-tinyml"))
@@ -107,12 +110,15 @@ async def running_controller(
             broker_url = broker.url
         outbox = Outbox(CommandKey(fleet_dir.key_file("command")), clock)
         ctl.outbox = outbox
+        await register_own_release(ctl.version)
+        schedule = AttestationSchedule(outbox, config.attestation_times()[0], clock)
         settings = BrokerSettings(
             broker_url, mqtt.ca_cert, mqtt.client_cert, mqtt.client_key, mqtt.share_group
         )
         link = BrokerLink(
             settings, outbox, ctl.device_key, ChannelMetrics(ctl.metrics.registry), clock
         )
+        link.on_hello = schedule.hello
         ctl.device_broker_url = config.device_broker_url or broker_url
         runner = web.AppRunner(
             make_app(ctl), access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S, handle_signals=False
@@ -126,6 +132,7 @@ async def running_controller(
         )
         ctl.scheduler = scheduler
         scheduler.start()
+        schedule.start()
         bound = runner.addresses[0]
         url_host = f"[{host}]" if ":" in host else host  # an IPv6 address needs brackets in a URL
         log(
@@ -148,6 +155,8 @@ async def running_controller(
     finally:
         if runner is not None:
             await runner.cleanup()
+        if schedule is not None:
+            await schedule.stop()
         if scheduler is not None:
             await scheduler.stop()
         if link is not None:

@@ -28,12 +28,17 @@ Rules:
   is never resumed from disk.
 - The progress callback sees each target chunk after it has been written (and flushed) to the
   partial file.
+- A target download carries the device's attestation result, when it has a current one
+  (`passport`), in `PASSPORT_HEADER`: the controller serves runes only to devices with a fresh
+  affirming result. A refusal's `error` text (from a short JSON body) is part of the
+  `DownloadHTTPError`, so the device can say why it was refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -52,7 +57,7 @@ from tuf.api.exceptions import (
 from tuf.ngclient.fetcher import FetcherInterface
 
 from attestation.identity import DeviceIdentity
-from ota.request_auth import sign_request
+from ota.request_auth import PASSPORT_HEADER, sign_request
 
 # (method, path with query) -> the headers that authenticate the request.
 RequestSigner = Callable[[str, str], Mapping[str, str]]
@@ -96,6 +101,7 @@ class TufFetcher(FetcherInterface):
         retries: int = DEFAULT_RETRIES,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         pool: urllib3.PoolManager | None = None,
+        passport: Callable[[], str | None] | None = None,
     ) -> None:
         if retries < 0 or chunk_size < 1:
             raise ValueError("retries must be >= 0 and chunk_size >= 1")
@@ -115,6 +121,7 @@ class TufFetcher(FetcherInterface):
             timeout=self._timeout,
         )
         self._expected_target: str | None = None
+        self._passport = passport
         self._request_retries: bool | None = None  # None: the pool's own retries
 
     @classmethod
@@ -311,8 +318,9 @@ class TufFetcher(FetcherInterface):
                     status = response.status
                 position = 0
         if status not in (200, 206) or (status == 206 and position == 0):
-            _finish(response, _drained(response))
-            raise DownloadHTTPError(f"HTTP {status} for {_path(url)}", status)
+            body = _drained(response)
+            _finish(response, body is not None)
+            raise DownloadHTTPError(f"HTTP {status} for {_path(url)}{_said(body)}", status)
         declared = response.headers.get("Content-Length")
         total = position + int(declared) if declared and declared.isdigit() else None
         if limit is not None and total is not None and total > limit:
@@ -327,6 +335,9 @@ class TufFetcher(FetcherInterface):
         path = parts.path + (f"?{parts.query}" if parts.query else "")
         headers = dict(self._sign("GET", path)) if self._sign is not None else {}
         headers["Accept-Encoding"] = "identity"
+        passport = self._passport() if self._expected_target and self._passport else None
+        if passport:
+            headers[PASSPORT_HEADER] = passport
         if position:
             headers["Range"] = f"bytes={position}-"
         try:
@@ -360,16 +371,26 @@ class TufFetcher(FetcherInterface):
             raise DownloadError(f"GET {path} from {parts.netloc} failed: {exc}") from exc
 
 
-def _drained(response: urllib3.BaseHTTPResponse) -> bool:
-    """Whether the short body of a refusal was read to its end, so that its connection can be
-    reused: ngclient learns there is no newer root from a 404, on every refresh."""
+def _drained(response: urllib3.BaseHTTPResponse) -> bytes | None:
+    """The short body of a refusal when it was read to its end, so that its connection can be
+    reused (ngclient learns there is no newer root from a 404, on every refresh); else None."""
     declared = response.headers.get("Content-Length")
     if not declared or not declared.isdigit() or int(declared) > DRAIN_LIMIT:
-        return False
+        return None
     try:
-        return len(response.read(DRAIN_LIMIT + 1)) == int(declared)
+        body = response.read(DRAIN_LIMIT + 1)
     except (urllib3.exceptions.HTTPError, OSError):
-        return False
+        return None
+    return body if len(body) == int(declared) else None
+
+
+def _said(body: bytes | None) -> str:
+    """`: <error>` from a refusal's JSON body (`{"error": ...}`), one line, bounded; or ``."""
+    try:
+        error = json.loads(body or b"").get("error")
+    except (ValueError, AttributeError):
+        return ""
+    return f": {' '.join(error.split())[:300]}" if isinstance(error, str) and error else ""
 
 
 def _finish(response: urllib3.BaseHTTPResponse, complete: bool) -> None:

@@ -65,6 +65,7 @@ class MessageType(StrEnum):
     ROLLBACK = "rollback"
     PING = "ping"
     CONFIG = "config"
+    ATTEST = "attest"
     # device -> controller
     HELLO = "hello"
     STATUS = "status"
@@ -73,7 +74,13 @@ class MessageType(StrEnum):
 
 
 COMMAND_TYPES = frozenset(
-    {MessageType.DEPLOY, MessageType.ROLLBACK, MessageType.PING, MessageType.CONFIG}
+    {
+        MessageType.DEPLOY,
+        MessageType.ROLLBACK,
+        MessageType.PING,
+        MessageType.CONFIG,
+        MessageType.ATTEST,
+    }
 )
 TYPES_ON_CHANNEL: dict[Channel, frozenset[MessageType]] = {
     Channel.CMD: COMMAND_TYPES,

@@ -27,6 +27,8 @@ from securesystemslib.signer import CryptoSigner, Signature, SSlibKey
 DEVICE_HEADER = "Fleet-Device"
 DATE_HEADER = "Fleet-Date"
 SIGNATURE_HEADER = "Fleet-Signature"
+# Not part of the signature: a device's attestation result, signed by the controller itself.
+PASSPORT_HEADER = "Fleet-Attestation"
 MAX_CLOCK_SKEW_S = 300
 
 

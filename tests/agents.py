@@ -6,7 +6,8 @@
 - `enroll_agents(ctl, tmp, count)` enrolls `count` devices with one token, each with an
   `agent.yaml` that runs the active rune on random input (plus the owner's `policy` settings,
   with the `labels` asked for), and returns them stopped.
-- `broker_url(ctl)` is the device broker address the controller printed at start.
+- `broker_url(ctl)` is the device broker address the controller printed at start;
+  `wait_online(ctl, agents)` waits until they are online and attested.
 - `deploy(ctl, device_id, ref)` is `fleetctl devices deploy --wait -o json`; `get`/`post` are the
   REST API, asserting success.
 """
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ class AgentProcess:
     state_dir: Path
     device_id: str
     process: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] | None = None  # set for the agent process on top of ours
 
     def start(self) -> None:
         with (self.state_dir / "agent.log").open("ab") as log:
@@ -40,6 +43,7 @@ class AgentProcess:
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,
+                env={**os.environ, **(self.env or {})},
             )
 
     def stop(self) -> None:
@@ -101,12 +105,28 @@ def enroll_agents(
     return agents
 
 
-def wait_online(ctl: RunningController, agents: list[AgentProcess], timeout: float = 60) -> None:
-    wait_for(
-        lambda: all(get(ctl, f"/api/v1/devices/{a.device_id}")["online"] for a in agents),
-        timeout=timeout,
-        message="agents online",
-    )
+def wait_online(ctl: RunningController, agents: list[AgentProcess], timeout: float = 120) -> None:
+    """Until every agent is online and has a fresh affirming attestation (the controller asks a
+    device to attest when it connects), so a rollout may take it."""
+
+    def ready(device: dict[str, Any]) -> bool:
+        attested = device.get("attestation") or {}
+        return bool(
+            device["online"] and attested.get("status") == "affirming" and attested["fresh"]
+        )
+
+    def waiting() -> list[dict[str, Any]]:
+        devices = [get(ctl, f"/api/v1/devices/{a.device_id}") for a in agents]
+        return [
+            {"id": d["id"], "online": d["online"], "attestation": d["attestation"]}
+            for d in devices
+            if not ready(d)
+        ]
+
+    try:
+        wait_for(lambda: not waiting(), timeout=timeout, message="agents online and attested")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; still waiting for {waiting()}") from None
 
 
 def deploy(ctl: RunningController, device_id: str, ref: str) -> dict[str, Any]:

@@ -49,9 +49,10 @@ from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
 from tuf.ngclient import Updater
 from tuf.ngclient.fetcher import FetcherInterface
 
+from agent.attester import StoredResult, attester_for
 from attestation.identity import DeviceIdentity
 from attestation.keys import raw_public_bytes
-from ota.request_auth import sign_request
+from ota.request_auth import PASSPORT_HEADER, sign_request
 
 _json = json  # `RunningController.api` takes a parameter called json
 
@@ -310,11 +311,13 @@ class RunningController:
         return device_id
 
     def device(self, state_dir: Path) -> Device:
-        """A new device identity in `state_dir`, registered with this controller."""
+        """A new device identity in `state_dir`, registered with this controller and attested."""
         identity = DeviceIdentity.load_or_create(state_dir)
         registered = self.register_device(raw_public_bytes(identity.public_key).hex())
         assert registered == identity.device_id
-        return Device(self, identity, state_dir)
+        device = Device(self, identity, state_dir)
+        device.attest()
+        return device
 
     def enroll(
         self, state_dir: Path, *args: str | Path, token: str | None = None
@@ -522,19 +525,32 @@ class _SignedFetcher(FetcherInterface):
 
 @dataclass
 class Device:
-    """A registered device: signed requests to the controller's TUF endpoints, and a TUF client."""
+    """A registered device: signed requests to the controller's TUF endpoints, and a TUF client.
+
+    `attest()` attests it the way the agent does (`agent.attester`) and keeps the result, which
+    every rune download then presents (the controller serves runes only to attested devices).
+    """
 
     controller: RunningController
     identity: DeviceIdentity
     state_dir: Path
+    passport: str | None = None
 
     @property
     def id(self) -> str:
         return self.identity.device_id
 
+    def attest(self) -> StoredResult:
+        result = attester_for(self.state_dir, self.controller.url).attest()
+        self.passport = result.passport(time.time())
+        return result
+
     def get(self, path: str, headers: Mapping[str, str] | None = None) -> urllib3.BaseHTTPResponse:
-        """GET `path` (with its query) signed by this device, plus `headers`."""
+        """GET `path` (with its query) signed by this device, plus `headers` (and the passport
+        for a rune)."""
         signed = sign_request(self.identity.signer, self.id, "GET", path, time.time())
+        if self.passport and path.startswith("/tuf/targets/runes/"):
+            signed[PASSPORT_HEADER] = self.passport
         return self.controller.request("GET", path, headers={**signed, **(headers or {})})
 
     def metadata(self, filename: str) -> Metadata[Any]:

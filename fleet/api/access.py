@@ -99,6 +99,21 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
+def attestation_json(device: Device, now: datetime) -> dict[str, Any] | None:
+    """The device's last attestation result: status, reasons, age, and whether it is fresh."""
+    if device.attestation_status is None or device.attested_at is None:
+        return None
+    expires = device.attestation_expires_at
+    return {
+        "status": device.attestation_status,
+        "reasons": list(device.attestation_reasons or []),
+        "attested_at": _iso(device.attested_at),
+        "expires_at": _iso(expires),
+        "age_s": round((now - device.attested_at).total_seconds(), 1),
+        "fresh": expires is not None and now < expires,
+    }
+
+
 def device_json(device: Device, *, detail: bool = False) -> dict[str, Any]:
     """A device as the API shows it; `detail` adds its facts and last hello."""
     data: dict[str, Any] = {
@@ -117,6 +132,12 @@ def device_json(device: Device, *, detail: bool = False) -> dict[str, Any]:
         "cert_serial": device.cert_serial,
         "cert_not_after": _iso(device.cert_not_after),
         "enrollment_token_id": device.enrollment_token_id,
+        "attestation": attestation_json(device, utcnow()),
+        "quarantine": (
+            {"since": _iso(device.quarantined_at), "reason": device.quarantine_reason}
+            if device.quarantined_at is not None
+            else None
+        ),
     }
     if detail:
         data["facts"] = device.facts

@@ -22,6 +22,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from tortoise import connections
 
 import fleet.api.access
+import fleet.api.attestation
 import fleet.api.commands
 import fleet.api.enroll
 import fleet.api.keys

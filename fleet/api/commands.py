@@ -26,6 +26,7 @@ SIMPLE_COMMANDS = {
     "ping": MessageType.PING,
     "rollback": MessageType.ROLLBACK,
     "config": MessageType.CONFIG,
+    "attest": MessageType.ATTEST,
 }
 
 
@@ -100,7 +101,7 @@ async def deploy(request: web.Request) -> web.StreamResponse:
     "POST",
     "/api/v1/devices/{id}/commands",
     "operator",
-    "Send a ping, rollback or config command to a device",
+    "Send a ping, rollback, config or attest command to a device",
     request_body="application/json",
 )
 async def send_command(request: web.Request) -> web.StreamResponse:

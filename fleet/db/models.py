@@ -14,6 +14,8 @@ Rules:
   `enrollment_signature` until it is past the clock-skew window, so it cannot be replayed.
 - Commands name their device by id (a plain string, not a foreign key), so removing a device keeps
   its command history.
+- An attestation nonce is stored when it is issued and marked used when evidence answers it, so a
+  nonce answers once, across restarts and replicas.
 """
 
 from __future__ import annotations
@@ -99,6 +101,14 @@ class Device(Model):
     status_seq = fields.BigIntField(default=0, db_default=0)
     presence_seq = fields.BigIntField(default=0, db_default=0)
     last_hello = fields.JSONField[dict[str, object]](null=True)
+    # The last attestation result (`fleet.attestation`): its status, reasons, and when it was
+    # issued and stops being fresh. A device is quarantined from `quarantined_at` on.
+    attestation_status = fields.CharField(max_length=16, null=True)
+    attestation_reasons = fields.JSONField[list[str]](null=True)
+    attested_at = fields.DatetimeField(null=True)
+    attestation_expires_at = fields.DatetimeField(null=True)
+    quarantined_at = fields.DatetimeField(null=True)
+    quarantine_reason = fields.TextField(null=True)
 
     class Meta:
         table = "device"
@@ -224,3 +234,34 @@ class RolloutDevice(Model):
     class Meta:
         table = "rollout_device"
         unique_together = (("rollout_id", "device_id"),)
+
+
+class AttestationNonce(Model):
+    """A challenge issued to one device: answered at most once, before `expires_at`."""
+
+    nonce = fields.CharField(primary_key=True, max_length=64)
+    device_id = fields.CharField(max_length=40, db_index=True)
+    expires_at = fields.DatetimeField(db_index=True)
+    used_at = fields.DatetimeField(null=True)
+    created_at = fields.DatetimeField(auto_now_add=True)
+
+    class Meta:
+        table = "attestation_nonce"
+
+
+class AttestationReference(Model):
+    """A reference value: an agent release's code digest (`agent`: `name` is the agent version,
+    `value` the manifest SHA-256), or a config constraint (`config`: `name` is the setting's dot
+    path, `value` its required value as JSON, one per path)."""
+
+    id = fields.IntField(primary_key=True)
+    kind = fields.CharField(max_length=16)
+    name = fields.CharField(max_length=128)
+    value = fields.CharField(max_length=255)
+    source = fields.CharField(max_length=255)
+    created_by = fields.CharField(max_length=64)
+    created_at = fields.DatetimeField(auto_now_add=True)
+
+    class Meta:
+        table = "attestation_reference"
+        unique_together = (("kind", "name", "value"),)

@@ -2,9 +2,9 @@
 
 `Mirror(upstream).start()` listens on 127.0.0.1 (a free port) in a thread; a device uses its
 `url` as `--server`. Every GET is forwarded to the controller with the device's headers (the
-`Fleet-*` request signature, `Range`, `Accept-Encoding`) and the answer is relayed (status,
-`Content-Type`, `Content-Range`, body), unless the test told the mirror to misbehave for that URL
-path (`/tuf/...`, without the query):
+`Fleet-*` request signature and attestation, `Range`, `Accept-Encoding`) and the answer is
+relayed (status, `Content-Type`, `Content-Range`, body), unless the test told the mirror to
+misbehave for that URL path (`/tuf/...`, without the query):
 
 - `replace[path] = data`: answer 200 with `data` instead; the controller is not asked. This is
   how a test flips bytes in a target, serves the (valid, signed) bytes of another target, serves
@@ -15,6 +15,9 @@ path (`/tuf/...`, without the query):
   `N.snapshot.json`.
 - `endless.add(path)`: answer 200 with a body of zeros that never ends (no `Content-Length`) until
   the client hangs up (or `ENDLESS_CAP` bytes).
+
+A POST (the device attesting) is passed to the controller as it is, like a CDN passes what it
+does not cache to its origin.
 
 `exchanges` logs every request (path, `Range`, status, body bytes actually written to the client);
 `sent(path)` totals the bytes a path cost, which is how a test sees that a download was resumed
@@ -35,7 +38,15 @@ from tests.background_http import BackgroundHTTPServer
 
 ENDLESS_CAP = 1024 * 1024 * 1024
 CHUNK = 64 * 1024
-_FORWARDED_REQUEST = ("fleet-device", "fleet-date", "fleet-signature", "range", "accept-encoding")
+_FORWARDED_REQUEST = (
+    "fleet-device",
+    "fleet-date",
+    "fleet-signature",
+    "fleet-attestation",
+    "range",
+    "accept-encoding",
+    "content-type",
+)
 _RELAYED_RESPONSE = ("Content-Type", "Content-Range", "Cache-Control")
 
 
@@ -101,12 +112,14 @@ class Mirror(BackgroundHTTPServer):
 
     # Serving.
 
-    def _forward(self, target: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    def _forward(
+        self, target: str, headers: dict[str, str], method: str = "GET", body: bytes | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
         connection = http.client.HTTPConnection(
             self._upstream_host, self._upstream_port, timeout=30
         )
         try:
-            connection.request("GET", target, headers=headers)
+            connection.request(method, target, body=body, headers=headers)
             response = connection.getresponse()
             body = response.read()
             relayed = {k: v for k in _RELAYED_RESPONSE if (v := response.getheader(k)) is not None}
@@ -145,6 +158,20 @@ def _handler_for(mirror: Mirror) -> type[BaseHTTPRequestHandler]:
                 with mirror._lock:
                     mirror.recorded.setdefault(path, []).append(body)
             self._answer(exchange, status, relayed, body)
+
+        def do_POST(self) -> None:
+            exchange = Exchange(self.path.split("?", 1)[0], None)
+            with mirror._lock:
+                mirror.exchanges.append(exchange)
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else None
+            headers = {k: v for k, v in self.headers.items() if k.lower() in _FORWARDED_REQUEST}
+            try:
+                status, relayed, answer = mirror._forward(self.path, headers, "POST", body)
+            except OSError:
+                self._answer(exchange, 502, {}, b"")
+                return
+            self._answer(exchange, status, relayed, answer)
 
         def _answer(
             self, exchange: Exchange, status: int, headers: dict[str, str], body: bytes

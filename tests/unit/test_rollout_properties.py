@@ -238,7 +238,9 @@ def check_step(run: Run, before: dict[str, Any], decisions: list[Any]) -> None:
             assert decision.device not in run.fleet.unavailable_devices
         if isinstance(decision, Skip):
             assert r.targets[decision.device].state is DeviceState.SKIPPED
-            assert decision.reason in (run.fleet.unavailable(decision.device), SkipReason.CANCELLED)
+            unavailable = run.fleet.unavailable(decision.device)
+            known = unavailable.reason if unavailable is not None else None
+            assert decision.reason in (known, SkipReason.CANCELLED)
 
     # The rate limit holds in every window.
     assert run.sends is not None

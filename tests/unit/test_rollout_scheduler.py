@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,10 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
         await close_database()
 
 
-async def _device(online: bool = True, **labels: str) -> str:
+async def _device(online: bool = True, attestation: str | None = "affirming", **labels: str) -> str:
+    """An enrolled device; attested `attestation` a minute ago (None: never), fresh for an hour."""
     device_id = "d" + secrets.token_hex(16)
+    now = utcnow()
     await Device.create(
         id=device_id,
         public_key=secrets.token_hex(32),
@@ -61,6 +64,9 @@ async def _device(online: bool = True, **labels: str) -> str:
         labels=labels,
         online=online,
         active_rune="default/app@0.9.0",
+        attestation_status=attestation,
+        attested_at=now - timedelta(minutes=1) if attestation else None,
+        attestation_expires_at=now + timedelta(hours=1) if attestation else None,
     )
     return device_id
 
@@ -241,3 +247,41 @@ async def test_no_device_is_notified_or_skipped_while_presence_is_unknown(fleet:
 
 async def _at_least(count: Callable[[], Any], n: int) -> bool:
     return bool(await count() >= n)
+
+
+async def test_only_devices_with_a_fresh_affirming_attestation_are_notified(fleet: Fleet) -> None:
+    await _rune("app", "1.0.0")
+    good = await _device(suite="attested")
+    never = await _device(attestation=None, suite="attested")
+    warned = await _device(attestation="warning", suite="attested")
+    stale = await _device(suite="attested")
+    await Device.filter(id=stale).update(attestation_expires_at=utcnow() - timedelta(minutes=3))
+    jailed = await _device(suite="attested")
+    await Device.filter(id=jailed).update(
+        attestation_status="contraindicated", quarantined_at=utcnow(), quarantine_reason="tampered"
+    )
+    created = await rollout_service.create(
+        {"rune": "app@1.0.0", "selector": {"suite": "attested"}, "waves": "100%", "soak": "0"},
+        "test",
+        utcnow(),
+    )
+    rid = created["id"]
+    scheduler = Scheduler(fleet.outbox, utcnow, fleet.db_url)
+    scheduler.start()
+    try:
+
+        async def decided() -> list[Command]:
+            shown = await rollout_service.show(rid, utcnow())
+            return shown["counts"]["skipped"] == 4 and await Command.filter(device_id=good)
+
+        assert await _until(decided)
+    finally:
+        await scheduler.stop()
+    devices = await rollout_service.device_list(rid)
+    states = {d["id"]: (d["state"], d["reason"]) for d in devices["devices"]}
+    assert states[good] == ("notified", None)
+    assert states[never] == ("skipped", "ineligible: it has not attested yet")
+    assert states[warned] == ("skipped", "ineligible: its last attestation result is warning")
+    assert states[stale] == ("skipped", "ineligible: its attestation result expired 3 min ago")
+    assert states[jailed] == ("skipped", "quarantined: tampered")
+    assert {c.device_id for c in await Command.filter(id__startswith=f"{rid}.")} == {good}
