@@ -86,6 +86,14 @@ class Appraisal:
     now: float
 
 
+_ANSWERS = Verdict.passed("the evidence answers this challenge")
+_NO_CONSTRAINTS = Verdict.passed("no config constraints")
+_CLOCK_RIGHT = Verdict.passed("the device's clock is right")
+_NO_ACTIVE = Verdict.passed("no active rune")
+_NO_PREVIOUS = Verdict.passed("no previous rune")
+_PREVIOUS_ADMITTED = Verdict.passed("the previous rune was admitted here")
+
+
 @dataclass(frozen=True)
 class AnswersTheChallenge:
     def check(self, appraisal: Appraisal) -> Verdict:
@@ -96,7 +104,7 @@ class AnswersTheChallenge:
             )
         if evidence.nonce != challenge.nonce:
             return Verdict.failed("the evidence answers another challenge (its nonce differs)")
-        return Verdict.passed("the evidence answers this challenge")
+        return _ANSWERS
 
 
 @dataclass(frozen=True)
@@ -129,7 +137,7 @@ class RunesArePublished:
 
 def _active(rune: RuneClaim | None, reference: ReferenceValues) -> Verdict:
     if rune is None:
-        return Verdict.passed("no active rune")
+        return _NO_ACTIVE
     if rune.sha256 in reference.runes_current:
         return Verdict.passed(f"the active rune {rune.ref} is published")
     if rune.sha256 in reference.runes_known:
@@ -141,8 +149,10 @@ def _active(rune: RuneClaim | None, reference: ReferenceValues) -> Verdict:
 
 def _previous(rune: RuneClaim | None, reference: ReferenceValues) -> Verdict:
     """The rollback target: not running, and kept only while its target is published."""
-    if rune is None or rune.sha256 in reference.runes_known:
-        return Verdict.passed("the previous rune was admitted here" if rune else "no previous rune")
+    if rune is None:
+        return _NO_PREVIOUS
+    if rune.sha256 in reference.runes_known:
+        return _PREVIOUS_ADMITTED
     return Verdict.warning(f"the previous rune {rune.ref} was never admitted here")
 
 
@@ -151,7 +161,7 @@ class ConfigMeetsConstraints:
     def check(self, appraisal: Appraisal) -> Verdict:
         constraints = appraisal.reference.config
         if not constraints:
-            return Verdict.passed("no config constraints")
+            return _NO_CONSTRAINTS
         wrong = []
         for path, required in sorted(constraints.items()):
             actual = _lookup(appraisal.evidence.config, path)
@@ -170,7 +180,7 @@ class ProducedRecently:
         if abs(skew) > MAX_CLOCK_SKEW_S:
             direction = "ahead" if skew > 0 else "behind"
             return Verdict.warning(f"the device's clock is {abs(skew):.0f} s {direction}")
-        return Verdict.passed("the device's clock is right")
+        return _CLOCK_RIGHT
 
 
 SOFTWARE_POLICY: AllOf[Appraisal] = AllOf(
@@ -302,7 +312,7 @@ class Verifier:
 
 
 def seal_result(result: AttestationResult, signer: Signer) -> bytes:
-    payload = json.dumps(result.to_json(), sort_keys=True, separators=(",", ":")).encode()
+    payload = json.dumps(result.to_json(), separators=(",", ":")).encode()
     return seal(payload, RESULT_PAYLOAD_TYPE, signer)
 
 

@@ -12,9 +12,12 @@ Rules:
   a security event, and nothing about the device changes.
 - Evidence must verify with the device's enrolled key before its nonce is even looked up;
   otherwise it is refused the same way and yields no result.
-- The reference values are read for each appraisal: the agent releases and config constraints
-  registered (`AttestationReference`), the runes published now (not revoked) and every rune ever
-  admitted.
+- The reference values are the agent releases and config constraints registered
+  (`AttestationReference`), the runes published now (not revoked) and every rune ever admitted.
+  They are read again at most `REFERENCE_TTL_S` after they were last read, and at once after this
+  controller changed them (`references_changed`: a rune pushed or revoked, a reference added or
+  removed); another replica's change is seen within `REFERENCE_TTL_S`.
+- Expired challenges are deleted by the schedule, every `CHECK_INTERVAL_S`.
 - Every result is recorded on the device (status, reasons, when it was issued and until when it
   is fresh) and handed back signed: the device's passport for rune downloads.
 - A `contraindicated` result quarantines the device (`quarantined_at`, with the reasons); an
@@ -43,6 +46,7 @@ import hashlib
 import json
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -75,6 +79,7 @@ NONCE_BYTES = 16
 CHALLENGE_TTL = timedelta(minutes=2)
 ATTEST_DEADLINE = timedelta(minutes=10)
 CHECK_INTERVAL_S = 30.0
+REFERENCE_TTL_S = 2.0
 AGENT = "agent"
 CONFIG = "config"
 KINDS = (AGENT, CONFIG)
@@ -116,6 +121,9 @@ class AttestationService:
     signer: Signer
     verifier: Verifier
     metrics: AttestationMetrics
+    # The reference values read last, and when (monotonic): read again after
+    # `REFERENCE_TTL_S`, or at once after a change this controller made (`references_changed`).
+    _references: tuple[float, ReferenceValues] | None = None
 
     @classmethod
     def open(
@@ -133,7 +141,6 @@ class AttestationService:
     # Challenges and evidence.
 
     async def challenge(self, device_id: str, now: datetime) -> AttestationNonce:
-        await AttestationNonce.filter(expires_at__lt=now - CHALLENGE_TTL).delete()
         return await AttestationNonce.create(
             nonce=secrets.token_hex(NONCE_BYTES),
             device_id=device_id,
@@ -148,7 +155,7 @@ class AttestationService:
         try:
             evidence = open_evidence(data, device_key)
             await self._use(evidence.nonce, device_id, now)
-            reference = await reference_values()
+            reference = await self.reference_values()
             challenge = Challenge(evidence.nonce, device_id)
             digest = hashlib.sha256(data).hexdigest()
             result, sealed = self.verifier.judge(
@@ -221,6 +228,17 @@ class AttestationService:
             kind=kind,
             reason=reason[:300],
         )
+
+    async def reference_values(self) -> ReferenceValues:
+        cached, now = self._references, time.monotonic()
+        if cached is None or now - cached[0] > REFERENCE_TTL_S:
+            cached = (now, await reference_values())
+            self._references = cached
+        return cached[1]
+
+    def references_changed(self) -> None:
+        """A rune or a reference value changed: read them again for the next appraisal."""
+        self._references = None
 
     # Passports.
 
@@ -302,7 +320,9 @@ class AttestationSchedule:
         while True:
             await asyncio.sleep(CHECK_INTERVAL_S)
             try:
-                asked = await request_due(self.outbox, self.clock(), self.interval)
+                now = self.clock()
+                await AttestationNonce.filter(expires_at__lt=now - CHALLENGE_TTL).delete()
+                asked = await request_due(self.outbox, now, self.interval)
             except Exception as exc:  # the database may be away for a moment
                 log("attestation.schedule_failed", logging.ERROR, error=repr(exc))
                 continue

@@ -17,21 +17,19 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 import re
 from typing import Any
 
 from aiohttp import web
 
 from fleet.api.access import device_json
-from fleet.api.context import caller, controller
+from fleet.api.context import caller, controller, signing_device
 from fleet.api.errors import ApiError, json_response, read_json
 from fleet.api.routes import API, DEVICE
 from fleet.attestation import AGENT, KINDS, AttestationRefused, add_reference
 from fleet.db.models import AttestationReference, Device
 from fleet.logs import log
 from fleet.tuf_store import utcnow
-from ota.request_auth import DEVICE_HEADER, RequestAuthError, verify_request
 
 CHALLENGE_PATH = "/api/v1/attestation/challenge"
 EVIDENCE_PATH = "/api/v1/attestation/evidence"
@@ -40,35 +38,10 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CONFIG_PATH = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 
 
-async def _device(request: web.Request) -> Device:
-    """The enrolled device that signed `request`; a 401 for anything else."""
-    ctl = controller(request)
-    device_id = request.headers.get(DEVICE_HEADER, "")
-    key = await ctl.device_key(device_id) if device_id else None
-    try:
-        verify_request(
-            request.headers, request.method, request.path_qs, utcnow().timestamp(), lambda _: key
-        )
-    except RequestAuthError as exc:
-        ctl.metrics.device_requests_refused.labels(exc.kind).inc()
-        log(
-            "security.device_request_refused",
-            logging.WARNING,
-            reason=str(exc),
-            path=request.path,
-            peer=request.remote,
-        )
-        raise ApiError(401, "request not signed by an enrolled device") from None
-    device = await Device.get_or_none(id=device_id)
-    if device is None or device.state != "enrolled":
-        raise ApiError(401, "request not signed by an enrolled device")
-    return device
-
-
 @API.add("POST", CHALLENGE_PATH, DEVICE, "A fresh attestation challenge (nonce) for the device")
 async def challenge(request: web.Request) -> web.StreamResponse:
-    device = await _device(request)
-    nonce = await controller(request).attestation.challenge(device.id, utcnow())
+    device_id, _ = await signing_device(request)
+    nonce = await controller(request).attestation.challenge(device_id, utcnow())
     return json_response(
         {"nonce": nonce.nonce, "expires_at": nonce.expires_at.isoformat()}, status=201
     )
@@ -82,17 +55,15 @@ async def challenge(request: web.Request) -> web.StreamResponse:
     request_body="application/json",
 )
 async def evidence(request: web.Request) -> web.StreamResponse:
-    device = await _device(request)
+    device_id, key = await signing_device(request)
     if request.content_length is not None and request.content_length > MAX_EVIDENCE_BODY:
         raise ApiError(413, f"evidence is at most {MAX_EVIDENCE_BODY} bytes")
     data = await request.content.read(MAX_EVIDENCE_BODY + 1)
     if len(data) > MAX_EVIDENCE_BODY:
         raise ApiError(413, f"evidence is at most {MAX_EVIDENCE_BODY} bytes")
     ctl = controller(request)
-    key = await ctl.device_key(device.id)
-    assert key is not None  # `_device` checked it
     try:
-        result, sealed = await ctl.attestation.submit(device.id, key, data, utcnow())
+        result, sealed = await ctl.attestation.submit(device_id, key, data, utcnow())
     except AttestationRefused as exc:
         raise ApiError(exc.status, f"evidence refused ({exc.kind}): {exc.message}") from None
     return json_response(result.to_json() | {"result": base64.b64encode(sealed).decode()})
@@ -147,6 +118,7 @@ async def add_reference_value(request: web.Request) -> web.StreamResponse:
         if len(value) > 255:
             raise ApiError(400, "a config constraint's value is at most 255 characters of JSON")
     row, created = await add_reference(kind, name, value, source, caller(request).name)
+    controller(request).attestation.references_changed()
     if created:
         log("attestation.reference_added", kind=kind, name=name, by=caller(request).name)
     return json_response(reference_json(row), status=201 if created else 200)
@@ -161,6 +133,7 @@ async def remove_reference(request: web.Request) -> web.StreamResponse:
     if row is None:
         raise ApiError(404, f"no reference {request.match_info['id']}")
     await row.delete()
+    controller(request).attestation.references_changed()
     log("attestation.reference_removed", kind=row.kind, name=row.name, by=caller(request).name)
     return json_response(reference_json(row))
 

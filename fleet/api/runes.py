@@ -48,6 +48,7 @@ async def push_rune(request: web.Request) -> web.StreamResponse:
     rune = admitted.rune
     if admitted.created:
         log("rune.published", target=rune.target_path, sha256=rune.sha256, by=rune.pushed_by)
+        ctl.attestation.references_changed()
         await ctl.update_gauges()
     body = rune_json(rune) | {"created": admitted.created}
     return json_response(body, status=201 if admitted.created else 200)
@@ -91,5 +92,6 @@ async def revoke(request: web.Request) -> web.StreamResponse:
     except AdmissionError as exc:
         raise ApiError(exc.status, str(exc)) from None
     log("rune.revoked", target=rune.target_path, by=rune.revoked_by)
+    ctl.attestation.references_changed()
     await ctl.update_gauges()
     return json_response(rune_json(rune))

@@ -13,47 +13,19 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 
 from aiohttp import web
 
-from fleet.api.context import controller
+from fleet.api.context import controller, signing_device
 from fleet.db.models import Device
 from fleet.logs import log
 from fleet.tuf_store import utcnow
-from ota.request_auth import DEVICE_HEADER, PASSPORT_HEADER, RequestAuthError, verify_request
+from ota.request_auth import PASSPORT_HEADER
 from ota.targets import RUNES_PREFIX
 
 
-async def _authenticate(request: web.Request) -> str:
-    ctl = controller(request)
-    device_id = request.headers.get(DEVICE_HEADER, "")
-    key = await ctl.device_key(device_id) if device_id else None
-    try:
-        return verify_request(
-            request.headers,
-            request.method,
-            request.path_qs,
-            time.time(),
-            lambda _: key,
-        )
-    except RequestAuthError as exc:
-        ctl.metrics.device_requests_refused.labels(exc.kind).inc()
-        log(
-            "security.device_request_refused",
-            logging.WARNING,
-            reason=str(exc),
-            path=request.path,
-            peer=request.remote,
-        )
-        raise web.HTTPUnauthorized(
-            text='{"error": "request not signed by a registered device"}',
-            content_type="application/json",
-        ) from None
-
-
 async def metadata(request: web.Request) -> web.StreamResponse:
-    await _authenticate(request)
+    await signing_device(request)
     data = controller(request).repository.metadata(request.match_info["filename"])
     if data is None:
         raise web.HTTPNotFound()
@@ -63,7 +35,7 @@ async def metadata(request: web.Request) -> web.StreamResponse:
 
 
 async def target(request: web.Request) -> web.StreamResponse:
-    device_id = await _authenticate(request)
+    device_id, _ = await signing_device(request)
     ctl = controller(request)
     directory, _, filename = request.match_info["path"].rpartition("/")
     digest, dot, basename = filename.partition(".")

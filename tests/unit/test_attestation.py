@@ -3,6 +3,7 @@ real Ed25519 keys and the project's own agent code."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import secrets
@@ -145,10 +146,12 @@ def test_evidence_opens_only_with_the_device_key_and_intact() -> None:
     forged = seal_evidence(item, OTHER)  # another device signing this device's evidence
     with pytest.raises(EvidenceError, match="not the sender's"):
         open_evidence(forged, DEVICE.public_key)
-    changed = item.to_json() | {"config": {"policy": {"allow_downgrade": True}}}
-    tampered = seal(json.dumps(changed).encode(), PAYLOAD_TYPE, DEVICE)
-    with pytest.raises(EvidenceError, match="config does not match its digest"):
-        open_evidence(tampered, DEVICE.public_key)
+    envelope = json.loads(sealed)
+    payload = json.loads(base64.b64decode(envelope["payload"]))
+    payload["config"]["policy"]["allow_downgrade"] = True  # changed after the device signed it
+    envelope["payload"] = base64.b64encode(json.dumps(payload).encode()).decode()
+    with pytest.raises(EvidenceError, match="does not verify"):
+        open_evidence(json.dumps(envelope).encode(), DEVICE.public_key)
 
 
 @pytest.mark.parametrize(
