@@ -88,6 +88,13 @@ class StoredResult:
     issued_at: float
     expires_at: float
     envelope: bytes
+    deploy_age_s: float = 0.0  # how old a result the controller takes for a rune download
+
+    def recent(self, now: float, limit_s: float) -> bool:
+        """Affirming and young enough to back a deploy: issued less than `limit_s` ago, and less
+        than half the controller's `deploy_age_s`, so it is still taken when the download comes."""
+        age = now - self.issued_at
+        return self.status is Status.AFFIRMING and age < min(limit_s, self.deploy_age_s / 2)
 
     def passport(self, now: float) -> str | None:
         """The `Fleet-Attestation` header value, while the result is fresh and affirming."""
@@ -200,6 +207,7 @@ class Attester:
                 issued_at=float(answer["issued_at"]),
                 expires_at=float(answer["expires_at"]),
                 envelope=base64.b64decode(answer["result"], validate=True),
+                deploy_age_s=float(answer.get("deploy_age_s", 0.0)),
             )
         except (KeyError, TypeError, ValueError, binascii.Error) as exc:
             raise AttestationRefused(f"the controller's answer is not a result ({exc})") from None
@@ -250,6 +258,7 @@ def stored_attestation(state_dir: Path) -> StoredResult | None:
             issued_at=float(data["issued_at"]),
             expires_at=float(data["expires_at"]),
             envelope=base64.b64decode(data["envelope"], validate=True),
+            deploy_age_s=float(data.get("deploy_age_s", 0.0)),
         )
     except (OSError, ValueError, KeyError, TypeError, binascii.Error):
         return None
@@ -354,6 +363,7 @@ def _stored_json(result: StoredResult) -> bytes:
             "issued_at": result.issued_at,
             "expires_at": result.expires_at,
             "envelope": base64.b64encode(result.envelope).decode(),
+            "deploy_age_s": result.deploy_age_s,
         },
         sort_keys=True,
     ).encode()

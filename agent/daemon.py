@@ -25,6 +25,11 @@ Rules:
   in flight by the next process, which is not running it: the controller, not seeing it in
   `hello`, sends it again, and it runs again (every handler is idempotent; a deploy of the rune
   that is already active does nothing).
+- Before a deploy the agent attests (`agent.attester`) unless it holds an affirming result issued
+  less than `ATTESTATION_REUSE_S` ago and less than half the controller's window for downloads,
+  and presents that result for the rune's download; a deploy
+  whose result is not affirming fails without a download. A download refused for an older result
+  (428) makes the next try attest first. An `attest` command attests at once.
 - A deploy that cannot reach the controller's repository (`UpdateUnavailable`: the controller is
   restarting, the network is down) is retried with backoff for up to `DEPLOY_RETRY_S` before it
   is reported `failed`; a refusal or an unauthorized request is not retried.
@@ -66,6 +71,7 @@ from agent.attester import (
     AttestationRefused,
     AttestationUnavailable,
     attester_for,
+    stored_attestation,
 )
 from agent.channel_state import ChannelState
 from agent.enroll import EnrollError, load_enrollment, renew_if_due
@@ -107,6 +113,10 @@ SECURITY_REPORTS_PER_MINUTE = 10
 UNKNOWN_KEY_REFRESHES_PER_MINUTE = 6
 KEY_GRACE_S = 3600.0
 KEY_CONFIRM_TIMEOUT_S = 5.0
+# A deploy presents an affirming result issued less than this long ago, or attests first; below the
+# controller's default `deploy_attestation_age` (10 min), and a 428 for a rune makes it attest.
+ATTESTATION_REUSE_S = 300.0
+ATTESTATION_REQUIRED = "http-428"
 REFRESHED_REUSE_S = 10.0
 OUTGOING_LIMIT = 1000
 RENEWAL_CHECK_S = 60.0
@@ -509,9 +519,10 @@ class Daemon:
         attempt = 0
         fresh, self._refreshed = self._refreshed, None
         refreshed = fresh[0] if fresh and time.monotonic() - fresh[1] <= REFRESHED_REUSE_S else None
+        reuse_s = ATTESTATION_REUSE_S
         while True:
             try:
-                await self._attested()
+                await self._attested(reuse_s)
                 return await asyncio.to_thread(
                     update,
                     self.state_dir,
@@ -530,6 +541,8 @@ class Daemon:
                 raise
             except (UpdateUnavailable, AttestationUnavailable) as exc:
                 refreshed = None  # a retry refreshes
+                if isinstance(exc, UpdateUnavailable) and exc.kind == ATTESTATION_REQUIRED:
+                    reuse_s = 0.0  # the controller wants a newer result
                 ceiling = min(DEPLOY_RETRY_CAP_S, DEPLOY_RETRY_BASE_S * 2 ** min(attempt, 16))
                 delay = self._rng.uniform(ceiling / 2, ceiling)
                 if time.monotonic() + delay > give_up:
@@ -538,8 +551,12 @@ class Daemon:
                 log.warning("command %s: %s; trying again in %.1f s", cid, exc, delay)
                 await asyncio.sleep(delay)
 
-    async def _attested(self) -> None:
-        """Attest now; `AttestationFailed` unless the result is affirming."""
+    async def _attested(self, reuse_s: float) -> None:
+        """Attest, unless an affirming result was issued less than `reuse_s` ago;
+        `AttestationFailed` unless the result is affirming."""
+        stored = stored_attestation(self.state_dir)
+        if stored is not None and stored.recent(self.clock(), reuse_s):
+            return
         result = await asyncio.to_thread(self.attester.attest)
         if result.status is not Status.AFFIRMING:
             raise AttestationRefused(

@@ -75,7 +75,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from multiprocessing.connection import Connection
@@ -424,9 +424,16 @@ def init_fleet(fleet_dir: Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def controller(folder: Path, mqtt_url: str, log_level: str) -> Iterator[Controller]:
-    """`fleetctl init` a fleet in `folder/fleet` and run `fleetctl serve` on it."""
+def controller(
+    folder: Path, mqtt_url: str, log_level: str, settings: Mapping[str, Any] | None = None
+) -> Iterator[Controller]:
+    """`fleetctl init` a fleet in `folder/fleet` (with `settings` in its fleet.yaml) and run
+    `fleetctl serve` on it."""
     fleet = init_fleet(folder / "fleet")
+    if settings:
+        config_file = folder / "fleet" / "fleet.yaml"
+        config = yaml.safe_load(config_file.read_text()) | dict(settings)
+        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     stdout_path, stderr_path = folder / "controller.stdout", folder / "controller.log"
     command = [sys.executable, "-c", "from fleet.cli import main; main()", "serve"]
     command += ["--dir", str(folder / "fleet"), "--listen", "127.0.0.1:0"]
@@ -683,7 +690,11 @@ class RunningFleet:
 
 @contextlib.contextmanager
 def open_fleet(
-    options: FleetOptions, prefix: str, console: Console, label: str
+    options: FleetOptions,
+    prefix: str,
+    console: Console,
+    label: str,
+    settings: Mapping[str, Any] | None = None,
 ) -> Iterator[RunningFleet]:
     """A new fleet in a temp dir named `prefix*`: its broker, `fleetctl init` and `serve`, and the
     sampler watching them and the bench. Everything is stopped and removed on the way out."""
@@ -695,7 +706,9 @@ def open_fleet(
             stack, folder, options.private_broker, options.mqtt_url, sampler
         )
         with console.status(f"{label}: fleetctl init and serve"):
-            ctl = stack.enter_context(controller(folder, mqtt_url, options.controller_log_level))
+            ctl = stack.enter_context(
+                controller(folder, mqtt_url, options.controller_log_level, settings)
+            )
         sampler.pids["controller"] = ctl.process.pid
         sampler.pids["bench"] = os.getpid()
         stack.enter_context(sampler)

@@ -57,6 +57,10 @@ Targets: `real` at least `TARGET_REAL_PER_MIN` devices/min (2x AWS IoT Jobs' 1,0
 at least `TARGET_SIM_PER_MIN`. The devices share the machine's cores with the controller and the
 broker, so their CPU counts against the time (least in `sim`).
 
+Devices attest when they connect, so by default their deploys present that result (the fleet's
+`deploy_attestation_age` is 10 min); `--deploy-attestation-age 2s` makes every deploy attest first,
+which is what a fleet whose devices last attested longer ago than the window pays.
+
 Run: `.venv/bin/python -m bench.bench_rollout` (`--modes real,sim`, `--quick` for a smoke run of
 20 real and 200 simulated devices in under a minute, `--shared-broker`, `-o json` or `--json` for
 one JSON line, `--profile DIR` for a py-spy profile of the controller during each rollout, raw
@@ -130,6 +134,7 @@ class Options(FleetOptions):
     soak: str
     rate: str
     poll_s: float
+    deploy_attestation_age: str | None
 
 
 @dataclass
@@ -248,7 +253,12 @@ class RolloutRun:
     def run(self) -> RolloutResult:
         options = self.options
         prefix = f"fleet-bench-rollout-{self.mode}-{self.devices}-"
-        with open_fleet(options, prefix, self.console, self.label) as running:
+        settings = (
+            {"deploy_attestation_age": options.deploy_attestation_age}
+            if options.deploy_attestation_age
+            else None
+        )
+        with open_fleet(options, prefix, self.console, self.label, settings) as running:
             ctl, sampler = running.ctl, running.sampler
             pushed = push_rune(ctl.api, self.rune)
             sha256 = str(pushed.get("sha256") or hashlib.sha256(self.rune.data).hexdigest())
@@ -524,7 +534,8 @@ class Report:
         results = self.results
         table = Table(
             title=f"Rollout of {self.rune['ref']} ({self.rune['kind']}, {self.rune['bytes']:,} "
-            f"bytes), waves {self.options['waves']}, soak {self.options['soak']}"
+            f"bytes), waves {self.options['waves']}, soak {self.options['soak']}, deploys backed "
+            f"by an attestation at most {self.options['deploy_attestation_age']} old"
         )
         table.add_column("")
         for result in results:
@@ -637,6 +648,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--poll", type=float, default=0.25, help="seconds between rollout polls near the end"
     )
+    parser.add_argument(
+        "--deploy-attestation-age",
+        default=None,
+        help="the fleet's window for a deploy's attestation (fleet.yaml; 2s: every deploy attests)",
+    )
     add_common_arguments(
         parser,
         private_broker=True,
@@ -669,6 +685,7 @@ def main(argv: list[str] | None = None) -> int:
         soak=args.soak,
         rate=args.rate,
         poll_s=args.poll,
+        deploy_attestation_age=args.deploy_attestation_age,
     )
 
     def measure(rune: RuneFile) -> Report:
@@ -682,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
                 "workers": options.workers,
                 "broker": "private" if options.private_broker else options.mqtt_url,
                 "cpus": os.cpu_count(),
+                "deploy_attestation_age": options.deploy_attestation_age or "10m (default)",
             },
             results,
         )

@@ -278,6 +278,7 @@ async def _run_daemons(conn: Connection, spec: WorkerSpec) -> None:
 # -- simulated devices ----------------------------------------------------------------------------
 
 SIM_CONNECTS_IN_FLIGHT = 64
+ATTESTATION_REUSE_S = 300.0  # as the agent's (`agent.daemon.ATTESTATION_REUSE_S`)
 SIM_DEPLOY_STATES = ("received", "downloading", "verifying", "installing", "health-check")
 
 
@@ -293,9 +294,10 @@ class SimDevice:
     reported `received`, `downloading`, `verifying`, `installing`, `health-check` and `succeeded`
     at once (a rollback `rolled-back`, anything else `refused`), with no TUF, download, sandbox or
     slot. Like the agent it attests (`agent.attester`: a challenge, signed evidence, the result)
-    when it gets an `attest` command and before each deploy, which fails unless the result is
-    affirming. A command id it already ran gets its result again, as the agent does. Sequence
-    numbers live in memory: a simulated device is enrolled afresh for every run.
+    when it gets an `attest` command, and before a deploy unless it holds an affirming result
+    issued less than `ATTESTATION_REUSE_S` ago; the deploy fails unless the result is affirming.
+    A command id it already ran gets its result again, as the agent does. Sequence numbers live
+    in memory: a simulated device is enrolled afresh for every run.
     """
 
     def __init__(self, state_dir: Path, command_key: dict[str, Any], rune_sha256: str) -> None:
@@ -329,11 +331,15 @@ class SimDevice:
 
         return claim(self.active), claim(self.previous)
 
-    async def _attested(self) -> tuple[bool, str]:
-        """Attest now, as the agent does: (affirming?, why not)."""
-        from agent.attester import AttestationFailed
+    async def _attested(self, reuse_s: float = 0.0) -> tuple[bool, str]:
+        """Attest, as the agent does (not again within `reuse_s` of an affirming result):
+        (affirming?, why not)."""
+        from agent.attester import AttestationFailed, stored_attestation
         from attestation.policy import Status
 
+        stored = stored_attestation(self.attester.state_dir)
+        if stored is not None and stored.recent(time.time(), reuse_s):
+            return True, stored.status.label
         try:
             result = await asyncio.to_thread(self.attester.attest)
         except AttestationFailed as exc:
@@ -443,7 +449,7 @@ class SimDevice:
             body = message.body
             ref = f"{body.get('org')}/{body.get('name')}@{body.get('version')}"
             await self._status(client, cid, "received", "")
-            attested, why = await self._attested()
+            attested, why = await self._attested(ATTESTATION_REUSE_S)
             if attested:
                 for state in SIM_DEPLOY_STATES[1:]:
                     await self._status(client, cid, state, "")

@@ -25,8 +25,9 @@ Rules:
   `warning` changes neither.
 - A passport (the `ota.request_auth.PASSPORT_HEADER` of a rune download) is accepted for a device
   when it is a result signed by this controller's attestation key, for that device, fresh,
-  `affirming`, and the device is not quarantined now (a passport issued before a quarantine does
-  not outlive it).
+  `affirming`, issued at most `deploy_age` ago (every deploy is backed by a recent attestation),
+  and the device is not quarantined now (a passport issued before a quarantine does not outlive
+  it).
 - Devices are asked to attest (an `attest` command, `request_due`) when they connect without a
   result younger than the fleet's `attestation_interval`, and on that interval after; a device
   with an `attest` command still on its way is not asked again. A device also attests by itself
@@ -121,18 +122,24 @@ class AttestationService:
     signer: Signer
     verifier: Verifier
     metrics: AttestationMetrics
+    deploy_age: timedelta  # how old a result a rune download may present
     # The reference values read last, and when (monotonic): read again after
     # `REFERENCE_TTL_S`, or at once after a change this controller made (`references_changed`).
     _references: tuple[float, ReferenceValues] | None = None
 
     @classmethod
     def open(
-        cls, key_file: Path, fleet_name: str, result_ttl: timedelta, registry: CollectorRegistry
+        cls,
+        key_file: Path,
+        fleet_name: str,
+        result_ttl: timedelta,
+        deploy_age: timedelta,
+        registry: CollectorRegistry,
     ) -> AttestationService:
         """The service with the fleet's attestation key, made on first use."""
         signer = load_key_file(key_file) if key_file.exists() else generate_key_file(key_file)
         verifier = Verifier(signer, f"fleet {fleet_name}", result_ttl.total_seconds())
-        return cls(signer, verifier, AttestationMetrics(registry))
+        return cls(signer, verifier, AttestationMetrics(registry), deploy_age)
 
     @property
     def public_key(self) -> Key:
@@ -257,6 +264,12 @@ class AttestationService:
             return f"the attestation result is refused ({exc.kind}): {exc}"
         if result.status is not Status.AFFIRMING:
             return f"the attestation result is {result.status.label}: {'; '.join(result.reasons)}"
+        age = now.timestamp() - result.issued_at
+        if age > self.deploy_age.total_seconds():
+            return (
+                f"the attestation result is {age / 60:.0f} min old; a rune needs one at most "
+                f"{self.deploy_age.total_seconds() / 60:g} min old (attest again)"
+            )
         return None
 
 

@@ -74,9 +74,13 @@ class Controller:
     def attestation(self) -> AttestationService:
         """Challenges, appraisal and results, with the fleet's attestation key (made on first
         use)."""
-        _, ttl = self.config.attestation_times()
+        _, ttl, deploy_age = self.config.attestation_times()
         return AttestationService.open(
-            self.fleet_dir.key_file("attestation"), self.config.name, ttl, self.metrics.registry
+            self.fleet_dir.key_file("attestation"),
+            self.config.name,
+            ttl,
+            deploy_age,
+            self.metrics.registry,
         )
 
     @functools.cached_property

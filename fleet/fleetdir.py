@@ -12,8 +12,8 @@ Layout (made by `fleetctl init`):
 
 Rules: a directory without `fleet.yaml` is not a fleet (`FleetDirError` says to run `fleetctl
 init`); the config is validated when loaded and a bad value is named with its key. Durations
-(`device_cert_lifetime`, `attestation_interval`, `attestation_ttl`) are seconds or a number with a
-unit (`90s`, `30m`, `24h`, `7d`).
+(`device_cert_lifetime`, `attestation_interval`, `attestation_ttl`, `deploy_attestation_age`) are
+seconds or a number with a unit (`90s`, `30m`, `24h`, `7d`).
 """
 
 from __future__ import annotations
@@ -90,6 +90,9 @@ class FleetConfig:
     # fresh (a device without a fresh affirming result is ineligible for rollouts and downloads).
     attestation_interval: int | float | str = "1h"
     attestation_ttl: int | float | str = "2h"
+    # How old an affirming result may be when it is presented for a rune download: every deploy is
+    # backed by an attestation at most this old (the agent attests again before a deploy if not).
+    deploy_attestation_age: int | float | str = "10m"
 
     def lifetimes(self) -> Lifetimes:
         return Lifetimes(**{role: timedelta(hours=h) for role, h in self.lifetimes_hours.items()})
@@ -98,9 +101,14 @@ class FleetConfig:
         """`device_cert_lifetime` as a timedelta (validated when the config was loaded)."""
         return parse_duration(self.device_cert_lifetime)
 
-    def attestation_times(self) -> tuple[timedelta, timedelta]:
-        """(`attestation_interval`, `attestation_ttl`), validated when the config was loaded."""
-        return parse_duration(self.attestation_interval), parse_duration(self.attestation_ttl)
+    def attestation_times(self) -> tuple[timedelta, timedelta, timedelta]:
+        """(`attestation_interval`, `attestation_ttl`, `deploy_attestation_age`), validated when
+        the config was loaded."""
+        return (
+            parse_duration(self.attestation_interval),
+            parse_duration(self.attestation_ttl),
+            parse_duration(self.deploy_attestation_age),
+        )
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(asdict(self), sort_keys=False)
@@ -139,11 +147,16 @@ class FleetConfig:
                 f"{config.device_cert_lifetime!r}"
             )
         try:
-            interval, ttl = config.attestation_times()
+            interval, ttl, deploy_age = config.attestation_times()
         except ValueError as exc:
             raise FleetDirError(
-                f"{source}: attestation_interval or attestation_ttl: {exc}"
+                f"{source}: attestation_interval, attestation_ttl or deploy_attestation_age: {exc}"
             ) from None
+        if deploy_age > ttl:
+            raise FleetDirError(
+                f"{source}: deploy_attestation_age ({config.deploy_attestation_age}) cannot be "
+                f"longer than attestation_ttl ({config.attestation_ttl})"
+            )
         if ttl <= interval:
             raise FleetDirError(
                 f"{source}: attestation_ttl ({config.attestation_ttl}) must be longer than "

@@ -66,7 +66,13 @@ async def evidence(request: web.Request) -> web.StreamResponse:
         result, sealed = await ctl.attestation.submit(device_id, key, data, utcnow())
     except AttestationRefused as exc:
         raise ApiError(exc.status, f"evidence refused ({exc.kind}): {exc.message}") from None
-    return json_response(result.to_json() | {"result": base64.b64encode(sealed).decode()})
+    return json_response(
+        result.to_json()
+        | {
+            "result": base64.b64encode(sealed).decode(),
+            "deploy_age_s": ctl.attestation.deploy_age.total_seconds(),
+        }
+    )
 
 
 # Reference values.

@@ -4,13 +4,14 @@ Each attack is refused with the reason counted and logged, and nothing changes:
 - evidence replayed for a nonce already answered; evidence signed by another device's key;
   evidence whose measurement was changed after the device signed it: no result, the device's
   record as it was, and (for the last two) its challenge still answerable;
-- a rune download presenting an expired result, or a result not signed by the controller's
-  attestation key: 428, no byte of the rune;
+- a rune download presenting an expired result, a result not signed by the controller's
+  attestation key, or a fresh one older than the fleet's window for downloads: 428, no byte of
+  the rune;
 - a device whose agent code changed on disk after it enrolled (it runs from a copy of the agent
-  packages, one file of which the test changes while it runs): its next attestation is
-  contraindicated, it is quarantined, and in a running rollout its deploy fails without a
-  download while the other device updates; it then gets no command but `attest` until an admin
-  releases it.
+  packages, one file of which the test changes while it runs): its next attestation, which the
+  deploy of a running rollout makes (the fleet's `deploy_attestation_age` is 2 s), is
+  contraindicated, it is quarantined, and its deploy fails without a download while the other
+  device updates; it then gets no command but `attest` until an admin releases it.
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ def _passport(
 
 @pytest.mark.parametrize(
     ("case", "expected"),
-    [("expired", "expired"), ("not-the-verifier", "not-the-verifier")],
+    [("expired", "expired"), ("not-the-verifier", "not-the-verifier"), ("too-old", "60 min old")],
 )
 def test_a_rune_is_not_served_for_an_expired_or_foreign_result(
     ctl: RunningController, tmp_path: Path, case: str, expected: str
@@ -193,13 +194,15 @@ def test_a_rune_is_not_served_for_an_expired_or_foreign_result(
     valid = _passport(ctl, device, issued=now, expires=now + 600)
     status, data = device.download(pushed["target"], pushed["sha256"], valid)
     assert status == 200 and len(data) == pushed["size"]  # the gate opens for a real passport
-    passport = (
-        _passport(ctl, device, issued=now - 7200, expires=now - 3600)
-        if case == "expired"
-        else _passport(
+    passports = {
+        "expired": _passport(ctl, device, issued=now - 7200, expires=now - 3600),
+        "not-the-verifier": _passport(
             ctl, device, issued=now, expires=now + 600, key=CryptoSigner.generate_ed25519()
-        )
-    )
+        ),
+        # Still fresh, but older than the fleet's window for downloads (10 min).
+        "too-old": _passport(ctl, device, issued=now - 3600, expires=now + 3600),
+    }
+    passport = passports[case]
     before = ctl.metric("fleet_device_requests_refused_total", reason="attestation")
     status, data = device.download(pushed["target"], pushed["sha256"], passport)
     assert status == 428, data
@@ -224,7 +227,9 @@ def test_a_device_whose_agent_code_changed_is_quarantined_and_drops_out_of_a_rol
     tmp_path: Path,
 ) -> None:
     with contextlib.ExitStack() as stack:
-        ctl = stack.enter_context(controller_for("sqlite", tmp_path / "fleet"))
+        # Every deploy attests: a rune download takes only a result from the last 2 s.
+        fleet = {"deploy_attestation_age": "2s"}
+        ctl = stack.enter_context(controller_for("sqlite", tmp_path / "fleet", config=fleet))
         honest, tampered = enroll_agents(ctl, tmp_path, 2)
         code = _agent_code_copy(tmp_path / "code")
         tampered.env = {"PYTHONPATH": str(code)}
@@ -240,6 +245,7 @@ def test_a_device_whose_agent_code_changed_is_quarantined_and_drops_out_of_a_rol
         # The agent it runs changes on disk: its next evidence measures other code.
         daemon = code / "agent" / "daemon.py"
         daemon.write_text(daemon.read_text() + "\n# changed after enrollment\n")
+        time.sleep(2.5)  # the results the devices hold are older than the fleet's window now
         created = post(
             ctl,
             "/api/v1/rollouts",
