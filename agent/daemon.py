@@ -25,11 +25,11 @@ Rules:
   in flight by the next process, which is not running it: the controller, not seeing it in
   `hello`, sends it again, and it runs again (every handler is idempotent; a deploy of the rune
   that is already active does nothing).
-- Before a deploy the agent attests (`agent.attester`) unless it holds an affirming result issued
-  less than `ATTESTATION_REUSE_S` ago and less than half the controller's window for downloads,
-  and presents that result for the rune's download; a deploy
-  whose result is not affirming fails without a download. A download refused for an older result
-  (428) makes the next try attest first. An `attest` command attests at once.
+- A deploy's rune download presents an affirming attestation result: the one the agent holds
+  if it was issued less than `ATTESTATION_REUSE_S` ago and less than half the controller's
+  window for downloads, else a new one, made as the download starts (`agent.attester`); a deploy
+  whose result is not affirming fails without a download. A download refused for an older
+  result (428) makes the next try attest first. An `attest` command attests at once.
 - A deploy that cannot reach the controller's repository (`UpdateUnavailable`: the controller is
   restarting, the network is down) is retried with backoff for up to `DEPLOY_RETRY_S` before it
   is reported `failed`; a refusal or an unauthorized request is not retried.
@@ -197,6 +197,7 @@ class Daemon:
             clock=clock,
         )
         self.command_key: Key | None = None
+        self._reuse_s = ATTESTATION_REUSE_S  # how old a result a deploy may still present
         self._unknown_key_refreshes: deque[float] = deque()
         self._key_confirmed_at: float | None = None
         # The client the last command-key check refreshed, and when (monotonic): the next deploy
@@ -519,10 +520,9 @@ class Daemon:
         attempt = 0
         fresh, self._refreshed = self._refreshed, None
         refreshed = fresh[0] if fresh and time.monotonic() - fresh[1] <= REFRESHED_REUSE_S else None
-        reuse_s = ATTESTATION_REUSE_S
+        self._reuse_s = ATTESTATION_REUSE_S
         while True:
             try:
-                await self._attested(reuse_s)
                 return await asyncio.to_thread(
                     update,
                     self.state_dir,
@@ -535,14 +535,14 @@ class Daemon:
                     slots=self.slots,
                     on_phase=on_phase,
                     refreshed=refreshed,
-                    passport=self.attester.passport,
+                    passport=self._deploy_passport,
                 )
             except UpdateUnauthorized:
                 raise
             except (UpdateUnavailable, AttestationUnavailable) as exc:
                 refreshed = None  # a retry refreshes
                 if isinstance(exc, UpdateUnavailable) and exc.kind == ATTESTATION_REQUIRED:
-                    reuse_s = 0.0  # the controller wants a newer result
+                    self._reuse_s = 0.0  # the controller wants a newer result
                 ceiling = min(DEPLOY_RETRY_CAP_S, DEPLOY_RETRY_BASE_S * 2 ** min(attempt, 16))
                 delay = self._rng.uniform(ceiling / 2, ceiling)
                 if time.monotonic() + delay > give_up:
@@ -551,18 +551,20 @@ class Daemon:
                 log.warning("command %s: %s; trying again in %.1f s", cid, exc, delay)
                 await asyncio.sleep(delay)
 
-    async def _attested(self, reuse_s: float) -> None:
-        """Attest, unless an affirming result was issued less than `reuse_s` ago;
-        `AttestationFailed` unless the result is affirming."""
+    def _deploy_passport(self) -> str:
+        """The result a deploy's rune download presents, made when the download starts (in the
+        update's thread): the stored one while it is recent enough, else a new attestation;
+        `AttestationFailed` unless it is affirming."""
         stored = stored_attestation(self.state_dir)
-        if stored is not None and stored.recent(self.clock(), reuse_s):
-            return
-        result = await asyncio.to_thread(self.attester.attest)
-        if result.status is not Status.AFFIRMING:
+        if stored is None or not stored.recent(self.clock(), self._reuse_s):
+            stored = self.attester.attest()
+        passport = stored.passport(self.clock())
+        if passport is None:
             raise AttestationRefused(
-                f"the controller's attestation result is {result.status.label}: "
-                + "; ".join(result.reasons)
+                f"the controller's attestation result is {stored.status.label}: "
+                + "; ".join(stored.reasons)
             )
+        return passport
 
     async def _attest(self) -> tuple[CommandState, str]:
         """The `attest` command: attest now; `done` with the result's status and reasons."""

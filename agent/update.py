@@ -172,6 +172,8 @@ def update(
     else:
         client = refreshed
         report.step("uses the signed metadata refreshed when the command arrived")
+    if passport is not None:
+        client.fetcher.passport = passport
     revoked = enforce_revocations(slots, client, clock())
     if revoked:
         report.step(f"stopped the active rune: {revoked}")

@@ -58,8 +58,9 @@ at least `TARGET_SIM_PER_MIN`. The devices share the machine's cores with the co
 broker, so their CPU counts against the time (least in `sim`).
 
 Devices attest when they connect, so by default their deploys present that result (the fleet's
-`deploy_attestation_age` is 10 min); `--deploy-attestation-age 2s` makes every deploy attest first,
-which is what a fleet whose devices last attested longer ago than the window pays.
+`deploy_attestation_age` is 10 min); `--deploy-attestation-age 30s` makes every deploy attest first
+(a device reuses a result for half the window; theirs are older by then), which is what a fleet
+whose devices last attested longer ago than the window pays.
 
 Run: `.venv/bin/python -m bench.bench_rollout` (`--modes real,sim`, `--quick` for a smoke run of
 20 real and 200 simulated devices in under a minute, `--shared-broker`, `-o json` or `--json` for
@@ -651,7 +652,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--deploy-attestation-age",
         default=None,
-        help="the fleet's window for a deploy's attestation (fleet.yaml; 2s: every deploy attests)",
+        help="the fleet's window for a deploy's attestation (30s: every deploy attests)",
     )
     add_common_arguments(
         parser,

@@ -121,7 +121,8 @@ class TufFetcher(FetcherInterface):
             timeout=self._timeout,
         )
         self._expected_target: str | None = None
-        self._passport = passport
+        # Gives the attestation result a target download presents (called for each such request).
+        self.passport = passport
         self._request_retries: bool | None = None  # None: the pool's own retries
 
     @classmethod
@@ -335,7 +336,7 @@ class TufFetcher(FetcherInterface):
         path = parts.path + (f"?{parts.query}" if parts.query else "")
         headers = dict(self._sign("GET", path)) if self._sign is not None else {}
         headers["Accept-Encoding"] = "identity"
-        passport = self._passport() if self._expected_target and self._passport else None
+        passport = self.passport() if self._expected_target and self.passport else None
         if passport:
             headers[PASSPORT_HEADER] = passport
         if position:
