@@ -3,6 +3,7 @@
     allowed_capabilities: [RAND, ACCEL]   # capability kinds a rune may read (default: all)
     health_check_calls: 3                 # calls a new rune must survive before the switch
     allow_downgrade: false                # accept an older version of the active rune
+    require_provenance: false             # refuse runes published without provenance
     probation: {window: 600, max_failures: 3, min_successes: 20}
     run: {...}                            # the run loop's settings: see agent.runconfig
 
@@ -24,7 +25,14 @@ from agent.probation import ProbationError, ProbationPolicy
 from ota.rune.runefile import CapabilityKind
 
 POLICY_FILE = "agent.yaml"
-_KEYS = {"allowed_capabilities", "health_check_calls", "allow_downgrade", "probation", "run"}
+_KEYS = {
+    "allowed_capabilities",
+    "health_check_calls",
+    "allow_downgrade",
+    "require_provenance",
+    "probation",
+    "run",
+}
 
 
 class PolicyError(ValueError):
@@ -37,6 +45,7 @@ class AgentPolicy:
     health_check_calls: int = 3
     allow_downgrade: bool = False
     probation: ProbationPolicy = field(default_factory=ProbationPolicy)
+    require_provenance: bool = False
 
     def allowed_kinds(self) -> frozenset[CapabilityKind]:
         return frozenset(CapabilityKind[name] for name in self.allowed_capabilities)
@@ -68,6 +77,9 @@ class AgentPolicy:
         downgrade = data.get("allow_downgrade", False)
         if not isinstance(downgrade, bool):
             raise PolicyError(f"{path}: allow_downgrade must be true or false")
+        require_provenance = data.get("require_provenance", False)
+        if not isinstance(require_provenance, bool):
+            raise PolicyError(f"{path}: require_provenance must be true or false")
         probation = data.get("probation", {})
         if not isinstance(probation, dict):
             raise PolicyError(f"{path}: probation must be a mapping")
@@ -75,4 +87,4 @@ class AgentPolicy:
             probation_policy = ProbationPolicy(**probation)
         except (TypeError, ProbationError) as exc:
             raise PolicyError(f"{path}: probation: {exc}") from None
-        return cls(frozenset(names), calls, downgrade, probation_policy)
+        return cls(frozenset(names), calls, downgrade, probation_policy, require_provenance)

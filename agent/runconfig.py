@@ -64,7 +64,13 @@ MAX_SEED = 2**63 - 1
 REMOTE_KEYS = ("input", "interval_s", "sink.max_bytes")
 _RUN_KEYS = {"input", "interval_s", "sink", "remote_replay_paths"}
 _SINK_KEYS = {"path", "max_bytes"}
-_POLICY_KEYS = {"allowed_capabilities", "health_check_calls", "allow_downgrade", "probation"}
+_POLICY_KEYS = {
+    "allowed_capabilities",
+    "health_check_calls",
+    "allow_downgrade",
+    "require_provenance",
+    "probation",
+}
 _TOP_LEVEL_KEY = re.compile(r"^[^\s#]")
 _RUN_KEY = re.compile(r"^run\s*:")
 _RUN_LINE = re.compile(r"^run\s*:(\s*(#.*)?)?$")

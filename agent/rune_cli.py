@@ -1,4 +1,5 @@
-"""`rune`: the rune author's tool: build a Runefile into a bundle, run and inspect runes.
+"""`rune`: the rune author's tool: build a Runefile into a bundle (with an in-toto provenance
+statement), sign statements with a publisher key, run and inspect runes.
 
 Exit codes: 0 done; 1 the rune failed while running (trap, limit, its own error, bad input data);
 2 the command line is wrong; 3 the Runefile or rune file is invalid or was refused at load.
@@ -20,7 +21,7 @@ from agent.sandbox.errors import SandboxError
 from agent.sandbox.inputs import InputFiles, InputSources
 from agent.sandbox.models import inspect_model
 from agent.sandbox.runner import load_rune
-from ota.rune.build import build_bundle
+from ota.rune.build import build_bundle, provenance_statement
 from ota.rune.bundle import sha256_hex
 from ota.rune.inspect import InspectError, describe_rune
 from ota.rune.runefile import CapabilityKind, RunefileError
@@ -68,15 +69,13 @@ def build(
         _fail(f"{runefile}: {exc}", EXIT_INVALID)
     manifest = result.manifest
     target = output or runefile.parent / f"{manifest.name}.runebundle"
-    try:
-        temporary = target.with_name(target.name + ".tmp")
-        temporary.write_bytes(result.data)
-        temporary.replace(target)
-    except OSError as exc:
-        _fail(f"cannot write {target}: {exc.strerror or exc}", EXIT_FAILED)
+    _write(target, result.data)
     for warning in result.warnings:
         err.print(f"[yellow]warning:[/] {warning}", highlight=False)
     digest = sha256_hex(result.data)
+    statement = provenance_statement(result, target.name, runefile, _builder_version())
+    statement_path = statement_file(target)
+    _write(statement_path, json.dumps(statement, indent=2, sort_keys=True).encode() + b"\n")
     summary = {
         "path": str(target),
         "name": manifest.name,
@@ -85,6 +84,7 @@ def build(
         "size": len(result.data),
         "stages": len(manifest.stages),
         "warnings": result.warnings,
+        "statement": str(statement_path),
     }
     if as_json:
         out.print_json(json.dumps(summary))
@@ -95,6 +95,114 @@ def build(
             f"sha256 {digest[:16]}...)",
             highlight=False,
         )
+        out.print(f"provenance statement -> {statement_path} (sign it: rune sign)", highlight=False)
+
+
+def statement_file(rune: Path) -> Path:
+    """Where the unsigned statement about `rune` goes: `RUNE.intoto.json`."""
+    return rune.with_name(rune.name + ".intoto.json")
+
+
+def signed_statement_file(rune: Path) -> Path:
+    """Where the signed statement about `rune` goes: `RUNE.intoto.jsonl`."""
+    return rune.with_name(rune.name + ".intoto.jsonl")
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_bytes(data)
+        temporary.replace(path)
+    except OSError as exc:
+        _fail(f"cannot write {path}: {exc.strerror or exc}", EXIT_FAILED)
+
+
+def _builder_version() -> str:
+    from importlib.metadata import version
+
+    return version("fleet-tinyml")
+
+
+@app.command()
+def keygen(
+    out_file: Annotated[
+        Path, typer.Option("-o", "--out", help="The private key file to write (mode 0600).")
+    ] = Path("publisher.pem"),
+) -> None:
+    """Make a publisher key: the private key (keep it secret) and its public key (`.pub`), which
+    the fleet's admission policy lists (`fleetctl policy set --publisher-key`)."""
+    from attestation.keys import KeyFileError, generate_key_file, public_key_of, public_key_pem
+
+    public_file = out_file.with_suffix(".pub")
+    if public_file.exists():
+        _fail(f"{public_file} already exists; refusing to overwrite a key", EXIT_FAILED)
+    try:
+        signer = generate_key_file(out_file)
+    except KeyFileError as exc:
+        _fail(str(exc), EXIT_FAILED)
+    key = public_key_of(signer)
+    _write(public_file, public_key_pem(key))
+    out.print(
+        f"private key {out_file} (keep it secret)\npublic key  {public_file}", highlight=False
+    )
+    out.print(f"key id      {key.keyid}", highlight=False)
+
+
+@app.command()
+def sign(
+    rune_file: Annotated[Path, typer.Argument(metavar="FILE", help="The rune (bundle or .rune).")],
+    key: Annotated[Path, typer.Option("--key", help="The publisher's private key (rune keygen).")],
+    statement: Annotated[
+        Path | None,
+        typer.Option(help="The statement to sign (default FILE.intoto.json, from rune build)."),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Where to write (FILE.intoto.jsonl).")
+    ] = None,
+) -> None:
+    """Sign the in-toto statement about a rune with a publisher key, as a DSSE envelope.
+
+    A rune built elsewhere (a legacy .rune) without a statement gets one that names the file only.
+    """
+    from attestation.keys import KeyFileError, load_key_file, public_key_of
+    from attestation.provenance import ProvenanceError, build_statement, sign_statement, subject_of
+
+    data = _read(rune_file)
+    digest = sha256_hex(data)
+    path = statement or statement_file(rune_file)
+    if path.exists():
+        try:
+            document = json.loads(_read(path))
+            name, subject = subject_of(document)
+        except (ValueError, ProvenanceError) as exc:
+            _fail(f"{path} is not an in-toto statement: {exc}", EXIT_INVALID)
+        if subject != digest:
+            _fail(
+                f"{path} is about {name} ({subject[:16]}...), not {rune_file} ({digest[:16]}...): "
+                "rebuild the rune, or give its own statement",
+                EXIT_INVALID,
+            )
+    elif statement is not None:
+        _fail(f"{statement}: no such statement", EXIT_INVALID)
+    else:
+        document = build_statement(
+            rune_file.name,
+            digest,
+            [],
+            {"signed": rune_file.name},
+            {"fleet-tinyml": _builder_version()},
+        )
+    try:
+        signer = load_key_file(key)
+    except KeyFileError as exc:
+        _fail(str(exc), EXIT_INVALID)
+    target = output or signed_statement_file(rune_file)
+    _write(target, sign_statement(document, signer) + b"\n")
+    out.print(
+        f"signed the statement about {rune_file.name} with key "
+        f"{public_key_of(signer).keyid[:16]}... -> {target}",
+        highlight=False,
+    )
 
 
 def _allowed(allow: str | None) -> frozenset[CapabilityKind] | None:

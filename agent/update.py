@@ -4,6 +4,9 @@ Rules:
 - Nothing is written to a slot before the target is verified by TUF (signatures, versions,
   expiry, length, SHA-256), its signed `custom` metadata passes the device policy, and the
   downloaded rune's own manifest agrees with that metadata.
+- The rune's provenance (`ota.rune_provenance`) is checked after its bytes are verified and
+  before it is health-checked: a rune whose statement does not verify never runs, not even in
+  the sandbox.
 - The new rune is health-checked in the sandbox from memory before it is written, so an unhealthy
   rune never displaces the previous rune kept in the inactive slot. The active rune is never
   touched until the new one is fully written (fsynced) into the inactive slot; the switch is one
@@ -33,6 +36,7 @@ from agent.slots import SlotRune, Slots
 from attestation.identity import DeviceIdentity
 from attestation.policy import AllOf
 from ota.fetcher import TufFetcher
+from ota.rune_provenance import check_rune_provenance
 from ota.target_policy import (
     CapabilitiesAllowed,
     KindSupported,
@@ -219,6 +223,15 @@ def update(
     if not matches:
         raise UpdateRefused(f"{target.ref}: {matches.reason}", "wrong-software")
     report.step("the rune's own manifest matches its signed metadata")
+    provenance = check_rune_provenance(
+        client,
+        target,
+        verified.custom,
+        verified.data,
+        verified.sha256,
+        required=policy.require_provenance,
+    )
+    report.step(f"provenance: {provenance}")
 
     phase("health-check")
     allowed = policy.allowed_kinds()

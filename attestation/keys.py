@@ -87,3 +87,40 @@ def key_from_raw(raw: bytes) -> SSlibKey:
     if len(raw) != 32:
         raise ValueError(f"an Ed25519 public key is 32 bytes, not {len(raw)}")
     return SSlibKey.from_crypto(Ed25519PublicKey.from_public_bytes(raw), scheme="ed25519")
+
+
+def public_key_pem(key: SSlibKey) -> bytes:
+    """An Ed25519 public key as PEM (SubjectPublicKeyInfo), the form a publisher hands out."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    public = Ed25519PublicKey.from_public_bytes(raw_public_bytes(key))
+    return public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def load_public_key_file(path: Path) -> SSlibKey:
+    """The Ed25519 public key in `path` (PEM), as an `SSlibKey`."""
+    try:
+        pem = path.read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"{path}: cannot read the key file ({exc.strerror or exc})") from None
+    try:
+        return public_key_from_pem(pem)
+    except KeyFileError as exc:
+        raise KeyFileError(f"{path}: {exc}") from None
+
+
+def public_key_from_pem(pem: bytes) -> SSlibKey:
+    """The Ed25519 public key in `pem`, as an `SSlibKey`; `KeyFileError` for anything else."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        public = serialization.load_pem_public_key(pem)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise KeyFileError(
+            f"not a PEM public key ({exc}); give the .pub file `rune keygen` wrote"
+        ) from None
+    if not isinstance(public, Ed25519PublicKey):
+        raise KeyFileError(f"a {type(public).__name__}, not an Ed25519 key")
+    return SSlibKey.from_crypto(public, scheme="ed25519")

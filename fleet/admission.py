@@ -8,6 +8,10 @@ Rules:
   different bytes (or re-pushing a revoked version) is refused; publish a new version instead.
 - The database row and the TUF target are written in one transaction, under the repository lock
   (taken first), so concurrent pushes or revocations of one version get 409, never a 500.
+- Provenance is checked against the org's admission policy (`fleet.provenance`) before anything
+  is stored: a refusal is a 422 naming every reason. What the rune was admitted with is
+  published as a target beside it, in the same new `targets`, and named (its path and SHA-256)
+  in the rune target's `custom`, so a device finds and checks it.
 """
 
 from __future__ import annotations
@@ -20,15 +24,28 @@ from typing import Any
 from tortoise.transactions import in_transaction
 
 from fleet.db.models import Rune
+from fleet.provenance import DSSE, SIGSTORE, admission_check, load_policy
+from fleet.provenance import Evidence as ProvenanceEvidence
 from fleet.tuf_store import FleetRepository
+from ota.rune.bundle import sha256_hex
 from ota.rune.inspect import InspectError, describe_rune
-from ota.targets import RuneTarget, TargetNameError, check_part
+from ota.targets import (
+    ProvenanceRef,
+    RuneTarget,
+    TargetNameError,
+    check_part,
+    provenance_target_path,
+)
 
 
 class AdmissionError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    """A push that is not admitted: the HTTP status, and `kind` (`provenance` when the org's
+    admission policy refused it, `invalid` otherwise)."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid") -> None:
         super().__init__(message)
         self.status = status
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -54,6 +71,16 @@ def rune_json(rune: Rune) -> dict[str, Any]:
         "state": "revoked" if rune.revoked_at else "published",
         "revoked_at": rune.revoked_at.isoformat() if rune.revoked_at else None,
         "revoked_by": rune.revoked_by,
+        "provenance": (
+            {
+                "kind": rune.provenance,
+                "sha256": rune.provenance_sha256,
+                "verified": rune.provenance_signer,
+                "target": provenance_target_path(rune.org, rune.name, rune.version),
+            }
+            if rune.provenance
+            else None
+        ),
     }
 
 
@@ -68,6 +95,8 @@ async def admit_rune(
     pushed_by: str,
     max_bytes: int,
     now: datetime,
+    statement: bytes | None = None,
+    bundle: bytes | None = None,
 ) -> Admitted:
     if len(data) > max_bytes:
         raise AdmissionError(413, f"the rune is {len(data)} bytes; this fleet accepts {max_bytes}")
@@ -102,6 +131,21 @@ async def admit_rune(
         )
     except TargetNameError as exc:
         raise AdmissionError(400, str(exc)) from None
+    policy = await load_policy(target.org)
+    evidence = ProvenanceEvidence(data, description.sha256, statement, bundle)
+    verdict = await asyncio.to_thread(admission_check, policy, evidence)
+    if not verdict:
+        raise AdmissionError(
+            422, f"{target.ref} in {target.org}: provenance refused: {verdict.reason}", "provenance"
+        )
+    provenance = statement if statement is not None else bundle
+    kind = DSSE if statement is not None else SIGSTORE if bundle is not None else None
+    custom = target.to_custom()
+    items = [(target.path, data, custom)]
+    if provenance is not None and kind is not None:
+        path = provenance_target_path(target.org, target.name, target.version)
+        custom["provenance"] = ProvenanceRef(kind, path, sha256_hex(provenance)).to_custom()
+        items.insert(0, (path, provenance, {"fleet-provenance": {"kind": kind}}))
     # Checked and written under the repository lock (taken before the transaction; see
     # FleetRepository.lock), so concurrent pushes of one version are answered one by one.
     async with repository.lock:
@@ -131,8 +175,11 @@ async def admit_rune(
                 description=description.to_json(),
                 target_path=target.path,
                 pushed_by=pushed_by,
+                provenance=kind,
+                provenance_sha256=sha256_hex(provenance) if provenance is not None else None,
+                provenance_signer=verdict.reason[:255] if kind is not None else None,
             )
-            await repository.add_target_locked(target.path, data, target.to_custom(), now)
+            await repository.add_targets_locked(items, now)
     return Admitted(rune, created=True)
 
 
@@ -148,4 +195,7 @@ async def revoke_rune(
             rune.revoked_by = revoked_by
             await rune.save()
             await repository.remove_target_locked(rune.target_path, now)
+            if rune.provenance:
+                path = provenance_target_path(rune.org, rune.name, rune.version)
+                await repository.remove_target_locked(path, now)
     return rune

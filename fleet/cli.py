@@ -19,6 +19,7 @@ from urllib.parse import quote
 import typer
 from rich.console import Console
 from rich.table import Table
+from urllib3 import encode_multipart_formdata
 
 from fleet.client import DEFAULT_SERVER, ApiClient, ApiClientError, ControllerUnreachable
 from ota.targets import DEFAULT_ORG, TargetNameError, parse_rune_ref
@@ -299,31 +300,63 @@ def runes_push(
     min_agent_version: Annotated[
         str | None, typer.Option(help="Oldest agent that may install it.")
     ] = None,
+    attestation: Annotated[
+        Path | None,
+        typer.Option(
+            "--attestation",
+            help="Its signed in-toto statement (FILE.intoto.jsonl from `rune sign`).",
+        ),
+    ] = None,
+    sigstore_bundle: Annotated[
+        Path | None,
+        typer.Option("--sigstore-bundle", help="Its Sigstore bundle (FILE.sigstore)."),
+    ] = None,
     server: ServerOpt = DEFAULT_SERVER,
     token: TokenOpt = None,
     output: OutputOpt = Output.text,
 ) -> None:
-    """Upload a rune; the controller inspects it and publishes it as a signed target."""
-    try:
-        data = file.read_bytes()
-    except OSError as exc:
-        _fail(f"cannot read {file}: {exc.strerror or exc}", EXIT_INVALID)
+    """Upload a rune and its provenance; the controller checks both against the org's admission
+    policy and publishes them as signed targets."""
+    data = _read_file(file)
+    provenance = {
+        part: _read_file(path)
+        for part, path in (("attestation", attestation), ("sigstore_bundle", sigstore_bundle))
+        if path is not None
+    }
     params = {
         "org": org,
         "name": name,
         "version": rune_version,
         "min_agent_version": min_agent_version,
     }
+    body, content_type = data, "application/octet-stream"
+    if provenance:
+        fields = {"rune": (file.name, data, "application/octet-stream")}
+        fields |= {
+            part: (part, content, "application/json") for part, content in provenance.items()
+        }
+        body, content_type = encode_multipart_formdata(fields)
     result = _call(
         server,
         token,
-        lambda c: c.request("POST", "/api/v1/runes", body=data, params=params),
+        lambda c: c.request(
+            "POST", "/api/v1/runes", body=body, params=params, content_type=content_type
+        ),
     )
     if output is Output.json:
         _emit_json(result)
         return
     verb = "published" if result["created"] else "already published (same bytes)"
     out.print(f"{result['ref']} {verb} as [bold]{result['target']}[/]  sha256 {result['sha256']}")
+    if result.get("provenance"):
+        out.print(f"provenance: {result['provenance']['verified']}", highlight=False)
+
+
+def _read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        _fail(f"cannot read {path}: {exc.strerror or exc}", EXIT_INVALID)
 
 
 @runes_app.command("list")
@@ -361,6 +394,15 @@ def runes_show(
         items = description.get(what) or []
         if items:
             out.print(f"[bold]{what}[/]: " + ", ".join(str(i.get("stage") or i) for i in items))
+    provenance = result.get("provenance")
+    if provenance:
+        out.print(
+            f"[bold]provenance[/]: {provenance['kind']}, {provenance['verified']} "
+            f"(target {provenance['target']})",
+            highlight=False,
+        )
+    else:
+        out.print("[bold]provenance[/]: none")
 
 
 @runes_app.command("revoke")
@@ -909,6 +951,12 @@ app.add_typer(rollout_app, name="rollout")
 from fleet.attestation_cli import attestation_app  # noqa: E402
 
 app.add_typer(attestation_app, name="attestation")
+
+
+# Admission policy (fleet/policy_cli.py).
+from fleet.policy_cli import policy_app  # noqa: E402
+
+app.add_typer(policy_app, name="policy")
 
 
 def main() -> None:

@@ -2,7 +2,8 @@
 
 A temporary fleet (SQLite, the embedded broker inside the controller), N agents as separate
 processes that enroll with a token and attest (evidence of their code, config and runes,
-appraised by the controller), the example sine rune built, pushed, and rolled out to every
+appraised by the controller), the example sine rune built with its in-toto statement, signed
+by a publisher key the demo org's admission policy requires, pushed, and rolled out to every
 device in two waves (a canary, then the rest; one wave for a single device) through signed
 commands, then a summary of what each device attested, verified, installed and runs, and of the
 rollout.
@@ -37,8 +38,13 @@ from typing import IO, Any
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from securesystemslib.signer import CryptoSigner
+from urllib3 import encode_multipart_formdata
 
+from attestation.keys import public_key_of, public_key_pem
+from attestation.provenance import sign_statement
 from fleet.client import ApiClient, ApiClientError, ControllerUnreachable
+from ota.targets import DEFAULT_ORG
 
 EXAMPLE = "sine"
 EXAMPLE_VERSION = "0.1.0"
@@ -95,14 +101,28 @@ class Processes:
         self, name: str, code: str, *args: str, env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
         log = (self.logs / f"{name}.log").open("ab")
-        process = subprocess.Popen(
-            [sys.executable, "-c", code, *args],
-            stdout=subprocess.PIPE if name == "controller" else log,
-            stderr=log,
-            env={**os.environ, **(env or {})},
-            start_new_session=True,
-        )
-        self.started.append((name, process))
+        # A Ctrl-C between the fork and the append would leave a process no one stops: hold it
+        # until the process is recorded, then raise it.
+        interrupted = False
+
+        def hold(signum: int, frame: object) -> None:
+            nonlocal interrupted
+            interrupted = True
+
+        previous = signal.signal(signal.SIGINT, hold)
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-c", code, *args],
+                stdout=subprocess.PIPE if name == "controller" else log,
+                stderr=log,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+            )
+            self.started.append((name, process))
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if interrupted:
+            raise KeyboardInterrupt
         return process
 
     def stop_all(self) -> None:
@@ -181,15 +201,42 @@ def _demo(
     api = ApiClient(server, result.admin_token, timeout=30)
 
     with console.status(f"building and pushing the example rune {EXAMPLE}@{EXAMPLE_VERSION}"):
-        bundle = _build_example(workdir)
+        bundle, statement = _build_example(workdir)
+        publisher = CryptoSigner.generate_ed25519()
+        _call(
+            api,
+            "PUT",
+            f"/api/v1/policy/{DEFAULT_ORG}",
+            json_body={
+                "require_provenance": True,
+                "add_publisher_keys": [
+                    {
+                        "name": "demo-publisher",
+                        "public_pem": public_key_pem(public_key_of(publisher)).decode(),
+                    }
+                ],
+            },
+        )
+        body, content_type = encode_multipart_formdata(
+            {
+                "rune": (f"{EXAMPLE}.runebundle", bundle, "application/octet-stream"),
+                "attestation": ("statement", sign_statement(statement, publisher), "text/plain"),
+            }
+        )
         pushed = _call(
             api,
             "POST",
             "/api/v1/runes",
-            body=bundle,
+            body=body,
+            content_type=content_type,
             params={"name": EXAMPLE, "version": EXAMPLE_VERSION},
         )
     console.print(f"pushed {pushed['target']} ({pushed['size']} bytes), signed as a TUF target")
+    console.print(
+        f"provenance: its in-toto statement, {pushed['provenance']['verified']}, "
+        f"published as {pushed['provenance']['target']}",
+        highlight=False,
+    )
 
     token = _call(
         api,
@@ -233,6 +280,7 @@ def _demo(
     _wait_running(rows)
     return {
         "rune": f"default/{EXAMPLE}@{EXAMPLE_VERSION}",
+        "provenance": pushed["provenance"],
         "controller": server,
         "broker": broker,
         "devices": [row.summary() for row in rows],
@@ -273,13 +321,15 @@ def _read_lines(stream: IO[bytes], lines: list[str]) -> None:
         lines.append(raw.decode(errors="replace"))
 
 
-def _build_example(workdir: Path) -> bytes:
-    """The example sine rune, built with the real `rune build` from the repository's examples
-    (their models are generated from code, so the demo needs a source checkout)."""
+def _build_example(workdir: Path) -> tuple[bytes, dict[str, Any]]:
+    """The example sine rune and its in-toto statement, built like `rune build` does from the
+    repository's examples (their models are generated from code, so the demo needs a source
+    checkout)."""
+    import importlib.metadata
     import importlib.util
 
     from agent.sandbox.models import inspect_model
-    from ota.rune.build import build_bundle
+    from ota.rune.build import build_bundle, provenance_statement
 
     examples = Path(__file__).resolve().parent.parent / "examples"
     spec = importlib.util.spec_from_file_location("fleet_demo_models", examples / "models.py")
@@ -298,7 +348,12 @@ def _build_example(workdir: Path) -> bytes:
     scratch = workdir / "examples"
     shutil.copytree(examples, scratch, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
     models.write_all(scratch)
-    return build_bundle(scratch / EXAMPLE / "Runefile.yml", inspect_model=inspect_model).data
+    runefile = scratch / EXAMPLE / "Runefile.yml"
+    result = build_bundle(runefile, inspect_model=inspect_model)
+    statement = provenance_statement(
+        result, f"{EXAMPLE}.runebundle", runefile, importlib.metadata.version("fleet-tinyml")
+    )
+    return result.data, statement
 
 
 def _enroll(processes: Processes, row: DeviceRow, server: str, root: Path, token: str) -> str:

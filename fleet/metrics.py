@@ -39,6 +39,12 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.runes_refused = Counter(
+            "fleet_runes_refused_total",
+            "Rune pushes refused: provenance (the org's admission policy) or invalid",
+            ["kind"],
+            registry=self.registry,
+        )
         self.api_auth_refused = Counter(
             "fleet_api_auth_refused_total",
             "Operator API calls refused: no token, unknown token, role too low",

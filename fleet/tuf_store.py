@@ -155,8 +155,15 @@ class FleetRepository:
         self, path: str, data: bytes, custom: dict[str, Any], now: datetime
     ) -> list[PublishedFile]:
         """`add_target` for a caller that holds `self.lock` (see `lock`)."""
-        self.blobs.put(data)
-        return await self._change(lambda: self.repository.add_target(path, data, custom, now))
+        return await self.add_targets_locked([(path, data, custom)], now)
+
+    async def add_targets_locked(
+        self, items: list[tuple[str, bytes, dict[str, Any]]], now: datetime
+    ) -> list[PublishedFile]:
+        """Publish several targets in one new `targets`, for a caller that holds `self.lock`."""
+        for _, data, _ in items:
+            self.blobs.put(data)
+        return await self._change(lambda: self.repository.add_targets(items, now))
 
     async def remove_target(self, path: str, now: datetime) -> list[PublishedFile]:
         async with self.lock:

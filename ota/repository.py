@@ -199,15 +199,27 @@ class Repository:
         self, path: str, data: bytes, custom: Mapping[str, Any], now: datetime
     ) -> list[PublishedFile]:
         """Publish `data` as target `path`; refused if `path` is already a different target."""
-        target = TargetFile.from_data(path, data, [HASH_ALGORITHM])
-        target.unrecognized_fields["custom"] = copy.deepcopy(dict(custom))
-        existing = self.targets.signed.targets.get(path)
-        if existing is not None:
-            if existing.hashes != target.hashes:
-                raise RepositoryError(f"{path} is already published with different bytes")
-            if existing.custom == target.custom:
-                return []
-        self.targets.signed.targets[path] = target
+        return self.add_targets([(path, data, custom)], now)
+
+    def add_targets(
+        self, items: Sequence[tuple[str, bytes, Mapping[str, Any]]], now: datetime
+    ) -> list[PublishedFile]:
+        """Publish every (path, data, custom) in one new `targets`; refused (nothing published)
+        if one of the paths is already a different target."""
+        new = {}
+        for path, data, custom in items:
+            target = TargetFile.from_data(path, data, [HASH_ALGORITHM])
+            target.unrecognized_fields["custom"] = copy.deepcopy(dict(custom))
+            existing = self.targets.signed.targets.get(path)
+            if existing is not None:
+                if existing.hashes != target.hashes:
+                    raise RepositoryError(f"{path} is already published with different bytes")
+                if existing.custom == target.custom:
+                    continue
+            new[path] = target
+        if not new:
+            return []
+        self.targets.signed.targets.update(new)
         return self._resign_from("targets", now)
 
     def remove_target(self, path: str, now: datetime) -> list[PublishedFile]:

@@ -10,6 +10,9 @@ Rules:
   downloading; `RuneTarget.from_custom` refuses anything missing or malformed with the reason.
 - The controller's command public key is the target `fleet/command-key.json`, so it rotates
   through TUF like any other target.
+- A rune admitted with provenance names it in `custom["provenance"]` (`ProvenanceRef`): the kind,
+  the target that holds it (`provenance/{org}/{name}/{version}`) and its SHA-256. An org's
+  accepted publisher keys are the target `publishers/{org}.json`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ RUNES_PREFIX = "runes"
 COMMAND_KEY_TARGET = "fleet/command-key.json"
 DEFAULT_ORG = "default"
 KINDS = ("bundle", "legacy")
+PROVENANCE_KINDS = ("dsse", "sigstore")
+PROVENANCE_PREFIX = "provenance"
+PUBLISHERS_PREFIX = "publishers"
 
 _PART = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _VERSION = re.compile(r"^\d+(\.\d+)*")
@@ -73,6 +79,44 @@ def version_key(version: str) -> tuple[int, ...]:
     if match is None:
         return ()
     return tuple(int(p) for p in match.group(0).split("."))
+
+
+def provenance_target_path(org: str, name: str, version: str) -> str:
+    """The target that holds what the rune `org/name@version` was admitted with."""
+    return f"{PROVENANCE_PREFIX}/{org}/{name}/{version}"
+
+
+def publishers_target_path(org: str) -> str:
+    """The target that holds an org's accepted publisher keys."""
+    return f"{PUBLISHERS_PREFIX}/{org}.json"
+
+
+@dataclass(frozen=True)
+class ProvenanceRef:
+    """Where a rune target's provenance is published (`custom["provenance"]`), and what it is:
+    `dsse` (an in-toto statement signed by a publisher key) or `sigstore` (a Sigstore bundle)."""
+
+    kind: str
+    path: str
+    sha256: str
+
+    def to_custom(self) -> dict[str, str]:
+        return {"kind": self.kind, "target": self.path, "sha256": self.sha256}
+
+    @classmethod
+    def from_custom(cls, custom: Any) -> ProvenanceRef | None:
+        """The reference in a rune target's `custom`, None when it has none; `TargetNameError`
+        when it is malformed."""
+        value = custom.get("provenance") if isinstance(custom, dict) else None
+        if value is None:
+            return None
+        if not isinstance(value, dict) or not all(
+            isinstance(value.get(k), str) for k in ("kind", "target", "sha256")
+        ):
+            raise TargetNameError("the target's provenance reference is malformed")
+        if value["kind"] not in PROVENANCE_KINDS:
+            raise TargetNameError(f"unknown provenance kind {value['kind']!r}")
+        return cls(value["kind"], value["target"], value["sha256"])
 
 
 @dataclass(frozen=True)

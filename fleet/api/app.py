@@ -26,6 +26,7 @@ import fleet.api.attestation
 import fleet.api.commands
 import fleet.api.enroll
 import fleet.api.keys
+import fleet.api.policy
 import fleet.api.rollouts
 import fleet.api.runes  # noqa: F401  (registers routes)
 from fleet.api import tuf

@@ -1,8 +1,16 @@
-"""`/api/v1/runes`: push, list, show and revoke rune versions."""
+"""`/api/v1/runes`: push, list, show and revoke rune versions.
+
+A push is the rune's bytes as the body (`application/octet-stream`), or `multipart/form-data`
+with the part `rune` and, for its provenance, `attestation` (a signed in-toto statement, one
+line of JSON) or `sigstore_bundle` (a Sigstore bundle); each provenance part is at most
+`MAX_PROVENANCE_BYTES`.
+"""
 
 from __future__ import annotations
 
-from aiohttp import web
+import logging
+
+from aiohttp import BodyPartReader, web
 
 from fleet.admission import AdmissionError, admit_rune, revoke_rune, rune_json
 from fleet.api.context import caller, controller
@@ -13,13 +21,17 @@ from fleet.logs import log
 from fleet.tuf_store import utcnow
 from ota.targets import DEFAULT_ORG
 
+PARTS = ("rune", "attestation", "sigstore_bundle")
+MAX_PROVENANCE_BYTES = 1024 * 1024
+
 
 @API.add(
     "POST",
     "/api/v1/runes",
     "operator",
-    "Push a rune (bundle or legacy .rune) and publish it as a signed TUF target",
-    request_body="application/octet-stream",
+    "Push a rune (bundle or legacy .rune), with its provenance, and publish it as a signed target",
+    request_body="application/octet-stream or multipart/form-data (rune, attestation, "
+    "sigstore_bundle)",
     parameters=("org", "name", "version", "min_agent_version"),
 )
 async def push_rune(request: web.Request) -> web.StreamResponse:
@@ -29,7 +41,8 @@ async def push_rune(request: web.Request) -> web.StreamResponse:
         raise ApiError(
             413, f"the rune is {request.content_length} bytes; this fleet accepts {limit}"
         )
-    data = await request.read()
+    parts = await _parts(request, limit)
+    data = parts.get("rune", b"")
     query = request.query
     try:
         admitted = await admit_rune(
@@ -42,8 +55,14 @@ async def push_rune(request: web.Request) -> web.StreamResponse:
             pushed_by=caller(request).name,
             max_bytes=limit,
             now=utcnow(),
+            statement=parts.get("attestation"),
+            bundle=parts.get("sigstore_bundle"),
         )
     except AdmissionError as exc:
+        ctl.metrics.runes_refused.labels(exc.kind).inc()
+        log(
+            "rune.refused", logging.WARNING, kind=exc.kind, reason=str(exc), by=caller(request).name
+        )
         raise ApiError(exc.status, str(exc)) from None
     rune = admitted.rune
     if admitted.created:
@@ -52,6 +71,27 @@ async def push_rune(request: web.Request) -> web.StreamResponse:
         await ctl.update_gauges()
     body = rune_json(rune) | {"created": admitted.created}
     return json_response(body, status=201 if admitted.created else 200)
+
+
+async def _parts(request: web.Request, limit: int) -> dict[str, bytes]:
+    """The push's parts: `rune` (the whole body when it is not multipart), and the provenance."""
+    if request.content_type != "multipart/form-data":
+        return {"rune": await request.read()}
+    parts: dict[str, bytes] = {}
+    reader = await request.multipart()
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader) or part.name not in PARTS:
+            raise ApiError(400, f"a push takes the parts {', '.join(PARTS)}")
+        cap = limit if part.name == "rune" else MAX_PROVENANCE_BYTES
+        data = bytearray()
+        while chunk := await part.read_chunk():
+            data += chunk
+            if len(data) > cap:
+                raise ApiError(413, f"the part {part.name} is over {cap} bytes")
+        parts[part.name] = bytes(data)
+    if "rune" not in parts:
+        raise ApiError(400, "a multipart push needs the part `rune`")
+    return parts
 
 
 @API.add("GET", "/api/v1/runes", "viewer", "List rune versions", parameters=("org", "name"))

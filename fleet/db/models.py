@@ -53,6 +53,11 @@ class Rune(Model):
     created_at = fields.DatetimeField(auto_now_add=True)
     revoked_at = fields.DatetimeField(null=True)
     revoked_by = fields.CharField(max_length=64, null=True)
+    # The provenance it was admitted with: `dsse` (an in-toto statement signed by a publisher
+    # key, `provenance_keyid`), `sigstore` (a bundle for an accepted identity), or none.
+    provenance = fields.CharField(max_length=16, null=True)
+    provenance_sha256 = fields.CharField(max_length=64, null=True)
+    provenance_signer = fields.CharField(max_length=255, null=True)
 
     class Meta:
         table = "rune"
@@ -265,3 +270,24 @@ class AttestationReference(Model):
     class Meta:
         table = "attestation_reference"
         unique_together = (("kind", "name", "value"),)
+
+
+class AdmissionPolicy(Model):
+    """What provenance an org's runes need to be admitted (`fleet.provenance`).
+
+    `publisher_keys` holds `{"keyid", "key", "name"}` entries (the public key as securesystemslib
+    serializes it), `revoked_keys` key ids, `sigstore_identities` `{"identity", "issuer"}`
+    entries, and `trusted_root` is `production`, `staging` or a trusted root's JSON.
+    """
+
+    org = fields.CharField(primary_key=True, max_length=64)
+    require_provenance = fields.BooleanField(default=False)
+    publisher_keys = fields.JSONField[list[dict[str, object]]](default=list)
+    revoked_keys = fields.JSONField[list[str]](default=list)
+    sigstore_identities = fields.JSONField[list[dict[str, str]]](default=list)
+    trusted_root = fields.TextField(default="production")
+    updated_by = fields.CharField(max_length=64)
+    updated_at = fields.DatetimeField(auto_now=True)
+
+    class Meta:
+        table = "admission_policy"

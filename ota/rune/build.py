@@ -19,9 +19,11 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import wasmtime
 
+from attestation.provenance import Dependency, build_statement
 from ota.rune.blocks.abi import block_module_problems
 from ota.rune.blocks.builtin import BUILTINS, builtin_wasm, resolve_block_ref
 from ota.rune.bundle import (
@@ -31,6 +33,7 @@ from ota.rune.bundle import (
     Manifest,
     ResourceEntry,
     read_bundle,
+    sha256_hex,
     write_bundle,
 )
 from ota.rune.capabilities import CapabilityArgError, check_output, parse_capability
@@ -344,3 +347,24 @@ def check_block_module(data: bytes) -> list[str]:
     except wasmtime.WasmtimeError as exc:
         return [f"not a valid WebAssembly module: {str(exc).strip().splitlines()[0]}"]
     return block_module_problems(module)
+
+
+def provenance_statement(
+    result: BuildResult, artifact: str, runefile_path: Path, builder_version: str
+) -> dict[str, Any]:
+    """The in-toto statement that the bundle `result` (written as `artifact`) was built from its
+    Runefile and parts (`attestation.provenance`): each part with its SHA-256, and where a stage's
+    part came from (`file:PATH` or `builtin:NAME`)."""
+    manifest = result.manifest
+    sources = {s.part: s.source or f"file:{s.stage.target}" for s in manifest.stages if s.part}
+    sources[manifest.runefile] = f"file:{runefile_path.name}"
+    dependencies = [
+        Dependency(part.path, part.sha256, sources.get(part.path, "")) for part in manifest.parts
+    ]
+    return build_statement(
+        artifact,
+        sha256_hex(result.data),
+        dependencies,
+        {"runefile": runefile_path.name, "name": manifest.name, "version": manifest.version},
+        {"fleet-tinyml": builder_version},
+    )

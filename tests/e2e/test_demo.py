@@ -53,6 +53,8 @@ def test_the_demo_deploys_to_every_device_and_cleans_up(tmp_path: Path) -> None:
     assert "Traceback" not in stderr
     summary = json.loads(stdout)
     assert summary["rune"] == "default/sine@0.1.0"
+    assert summary["provenance"]["kind"] == "dsse"
+    assert "demo-publisher" in summary["provenance"]["verified"]
     assert len(summary["devices"]) == 2
     assert len({device["id"] for device in summary["devices"]}) == 2
     for device in summary["devices"]:

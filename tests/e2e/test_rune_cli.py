@@ -92,3 +92,43 @@ def test_errors_are_one_clear_line_with_a_meaningful_exit_code(
         assert outcome.returncode == 3 and "Traceback" not in outcome.stderr
     assert rune("run", bundle, "-o", "yaml").returncode == 2
     assert rune("run", tmp_path / "nope.rune").returncode == 3
+
+
+def test_build_writes_a_statement_that_keygen_and_sign_turn_into_a_signed_one(
+    examples_dir: Path, tmp_path: Path
+) -> None:
+    from attestation.keys import load_public_key_file
+    from attestation.provenance import verify_statement
+    from ota.rune.bundle import sha256_hex
+
+    bundle = tmp_path / "sine.runebundle"
+    built = json.loads(
+        rune("build", examples_dir / "sine" / "Runefile.yml", "-o", bundle, "--json").stdout
+    )
+    statement = json.loads(Path(built["statement"]).read_text())
+    digest = sha256_hex(bundle.read_bytes())
+    assert statement["subject"] == [{"name": "sine.runebundle", "digest": {"sha256": digest}}]
+    predicate = statement["predicate"]
+    inputs = {d["name"] for d in predicate["buildDefinition"]["resolvedDependencies"]}
+    assert "Runefile.yml" in inputs and any(name.endswith(".tflite") for name in inputs), inputs
+    assert predicate["runDetails"]["builder"]["id"] == "urn:fleet:builder:rune"
+
+    key = tmp_path / "publisher.pem"
+    assert rune("keygen", "-o", key).returncode == 0
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    again = rune("keygen", "-o", key)
+    assert again.returncode != 0 and "refusing to overwrite" in again.stderr
+
+    signed = rune("sign", bundle, "--key", key)
+    assert signed.returncode == 0, signed.stderr
+    envelope = tmp_path / "sine.runebundle.intoto.jsonl"
+    public = load_public_key_file(key.with_suffix(".pub"))
+    verified = verify_statement(envelope.read_bytes(), digest, {public.keyid: public})
+    assert verified.sha256 == digest and verified.dependencies
+
+    other = tmp_path / "other.runebundle"
+    other.write_bytes(bundle.read_bytes() + b"changed")
+    wrong = rune("sign", other, "--key", key, "--statement", Path(built["statement"]))
+    assert wrong.returncode == 3 and "is about sine.runebundle" in wrong.stderr, wrong.stderr
+    no_key = rune("sign", bundle, "--key", tmp_path / "missing.pem")
+    assert no_key.returncode == 3 and "Traceback" not in no_key.stderr, no_key.stderr

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.policy import AgentPolicy
+from agent.policy import AgentPolicy, PolicyError
 from agent.runconfig import (
     DEFAULT_SINK_BYTES,
     AccelerometerInput,
@@ -196,6 +196,15 @@ def test_a_file_written_in_flow_style_is_rewritten_whole(tmp_path: Path) -> None
     assert AgentPolicy.load(tmp_path).allow_downgrade is True
 
 
+def test_require_provenance_is_off_unless_the_owner_turns_it_on(tmp_path: Path) -> None:
+    assert AgentPolicy.load(tmp_path).require_provenance is False
+    write(tmp_path, "require_provenance: true\n")
+    assert AgentPolicy.load(tmp_path).require_provenance is True
+    write(tmp_path, "require_provenance: maybe\n")
+    with pytest.raises(PolicyError, match="require_provenance must be true or false"):
+        AgentPolicy.load(tmp_path)
+
+
 @pytest.mark.parametrize(
     ("changes", "names"),
     [
@@ -203,6 +212,7 @@ def test_a_file_written_in_flow_style_is_rewritten_whole(tmp_path: Path) -> None
         ({"probation": {"window": 1}}, "probation is the device owner's policy"),
         ({"allowed_capabilities": ["RAW"]}, "allowed_capabilities is the device owner's"),
         ({"allow_downgrade": True}, "allow_downgrade is the device owner's policy"),
+        ({"require_provenance": False}, "require_provenance is the device owner's policy"),
         ({"run": {"interval_s": 1}}, "run is not a run setting"),
         ({"remote_replay_paths": ["/etc/shadow"]}, "run.remote_replay_paths is the device"),
         ({"sink": {"path": "/etc/cron.d/x"}}, "run.sink.path is the device owner's"),
