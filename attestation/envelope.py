@@ -12,10 +12,10 @@ Rules:
 from __future__ import annotations
 
 import binascii
-import json
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from securesystemslib.dsse import Envelope
 from securesystemslib.exceptions import FormatError, VerificationError
 from securesystemslib.signer import Key, Signer
@@ -55,7 +55,7 @@ def seal(payload: bytes, payload_type: str, signer: Signer) -> bytes:
     """`payload` in a DSSE envelope signed by `signer`, as compact JSON bytes."""
     envelope = Envelope(payload, payload_type, {})
     envelope.sign(signer)
-    return json.dumps(envelope.to_dict(), separators=(",", ":")).encode()
+    return orjson.dumps(envelope.to_dict())
 
 
 def parse(data: bytes, payload_type: str, max_bytes: int) -> SealedEnvelope:
@@ -63,8 +63,8 @@ def parse(data: bytes, payload_type: str, max_bytes: int) -> SealedEnvelope:
     if len(data) > max_bytes:
         raise EnvelopeError("oversized", f"{len(data)} bytes, more than the {max_bytes} allowed")
     try:
-        document: Any = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        document: Any = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
         raise EnvelopeError("malformed", f"not JSON ({exc})") from None
     if not isinstance(document, dict):
         raise EnvelopeError("malformed", "not a JSON object")

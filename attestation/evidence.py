@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from securesystemslib.signer import Key, Signer
 
 from attestation.envelope import EnvelopeError, parse, seal
@@ -156,7 +157,7 @@ def config_digest(config: dict[str, Any]) -> str:
 
 
 def seal_evidence(evidence: Evidence, signer: Signer) -> bytes:
-    payload = json.dumps(evidence.to_json(), sort_keys=True, separators=(",", ":")).encode()
+    payload = orjson.dumps(evidence.to_json(), option=orjson.OPT_SORT_KEYS)
     return seal(payload, PAYLOAD_TYPE, signer)
 
 
@@ -167,8 +168,8 @@ def open_evidence(data: bytes, key: Key) -> Evidence:
     except EnvelopeError as exc:
         raise EvidenceError(exc.kind, f"evidence envelope: {exc}") from None
     try:
-        document = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        document = orjson.loads(payload)
+    except orjson.JSONDecodeError:
         raise EvidenceError("malformed", "the evidence payload is not JSON") from None
     return Evidence.from_json(document)
 

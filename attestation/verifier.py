@@ -38,6 +38,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from securesystemslib.signer import Key, Signer
 
 from attestation.envelope import EnvelopeError, parse, seal
@@ -312,7 +313,7 @@ class Verifier:
 
 
 def seal_result(result: AttestationResult, signer: Signer) -> bytes:
-    payload = json.dumps(result.to_json(), separators=(",", ":")).encode()
+    payload = orjson.dumps(result.to_json())
     return seal(payload, RESULT_PAYLOAD_TYPE, signer)
 
 
@@ -324,8 +325,8 @@ def open_result(data: bytes, key: Key, *, device_id: str, now: float) -> Attesta
         kind = "not-the-verifier" if exc.kind in ("unknown-key", "bad-signature") else exc.kind
         raise ResultError(kind, f"attestation result: {exc}") from None
     try:
-        document = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        document = orjson.loads(payload)
+    except orjson.JSONDecodeError:
         raise ResultError("malformed", "the attestation result is not JSON") from None
     result = AttestationResult.from_json(document)
     if result.device_id != device_id:
