@@ -37,7 +37,8 @@ FILE = "channel.json"
 FORMAT = "fleet-channel/1"
 RESULTS_KEPT = 64
 SEQ_BLOCK = 64
-STREAMS = ("status", "presence")
+STREAMS = ("status", "presence", "telemetry")
+_ADDED_STREAMS = frozenset({"telemetry"})  # absent from the files of older agents
 
 
 class ChannelStateError(Exception):
@@ -160,7 +161,9 @@ class ChannelState:
             if document.get("format") != FORMAT:
                 raise ValueError(f"format is not {FORMAT}")
             for stream in STREAMS:
-                self._sent[stream] = self._reserved[stream] = _count(document["sent"][stream])
+                sent = document["sent"]
+                stored = sent.get(stream, 0) if stream in _ADDED_STREAMS else sent[stream]
+                self._sent[stream] = self._reserved[stream] = _count(stored)
             self._command_seq = _count(document["command_seq"])
             self._results = [_record(r) for r in document["results"]][-RESULTS_KEPT:]
             flight = document.get("in_flight")

@@ -594,4 +594,7 @@ def infer(
 
 
 def main() -> None:
+    from agent.consent_cli import consent_app
+
+    app.add_typer(consent_app, name="consent")
     app()

@@ -39,6 +39,8 @@ Rules:
   says `hello` again every `HELLO_INTERVAL_S` (jittered) while connected: the controller's
   session is not persistent, so a status sent while the controller was away from the broker is
   lost, and this bounds how long the controller can stay wrong about a device.
+- Telemetry (`agent.telemetry.reporter`) makes a report every window whether or not the broker is
+  reachable; while connected, its buffered reports are delivered alongside the session.
 - Presence is retained on `presence`: `online` when connected, and a pre-signed `offline` last
   will the broker publishes if the session dies (its own sequence, see `ota.protocol`).
 - The session reconnects forever with full-jitter exponential backoff (1 s doubling to 60 s).
@@ -79,6 +81,7 @@ from agent.policy import AgentPolicy
 from agent.runconfig import RunConfig, RunConfigError, apply_config
 from agent.runloop import RuneLoop, StepKind, StepResult
 from agent.slots import NoRollbackTarget, SlotError, SlotRune, Slots
+from agent.telemetry.reporter import Reporter
 from agent.update import UpdateReport, agent_version, tuf_client, update
 from attestation.identity import DeviceIdentity
 from attestation.policy import Status
@@ -196,6 +199,18 @@ class Daemon:
             broker_url=config.broker_url,
             clock=clock,
         )
+        self.telemetry = Reporter(
+            config.state_dir,
+            self.identity,
+            self.channel,
+            self.loop,
+            self.policy,
+            agent_version=agent_version(),
+            active=self._active_summary,
+            deployment=self._deployment_state,
+            clock=clock,
+        )
+        self.loop.on_outputs = self.telemetry.observe
         self.command_key: Key | None = None
         self._reuse_s = ATTESTATION_REUSE_S  # how old a result a deploy may still present
         self._unknown_key_refreshes: deque[float] = deque()
@@ -220,6 +235,7 @@ class Daemon:
         """Run until `stop` is set: learn the command key, then keep a session open."""
         runner = asyncio.create_task(self.loop.run(stop, self._on_step), name="rune-loop")
         renewer = asyncio.create_task(self._renewal_loop(stop), name="certificate-renewal")
+        reporter = asyncio.create_task(self.telemetry.run(stop), name="telemetry")
         await self._learn_command_key_until(stop)
         worker = asyncio.create_task(self._work_loop(), name="commands")
         try:
@@ -239,7 +255,7 @@ class Daemon:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
         finally:
-            for task in (worker, renewer):
+            for task in (worker, renewer, reporter):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -276,7 +292,12 @@ class Daemon:
             stopper = asyncio.create_task(stop.wait())
             renewed = asyncio.create_task(self._renewed.wait())
             greeter = asyncio.create_task(self._hello_loop())
-            tasks = (sender, receiver, stopper, renewed, greeter)
+
+            async def publish_report(name: str, data: bytes) -> None:
+                await client.publish(name, data, qos=1)
+
+            reports = asyncio.create_task(self.telemetry.deliver(publish_report))
+            tasks = (sender, receiver, stopper, renewed, greeter, reports)
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 if renewed in done:
@@ -650,6 +671,17 @@ class Daemon:
             "input": stats.input,
         }
         return {"active": rune_summary(active), "previous": rune_summary(previous), "runs": runs}
+
+    def _active_summary(self) -> dict[str, str] | None:
+        try:
+            state = self.slots.state()
+            return rune_summary(self.slots.rune(state.active.slot) if state.active else None)
+        except SlotError:
+            return None
+
+    def _deployment_state(self) -> str:
+        flight = self.channel.in_flight
+        return "idle" if flight is None else f"{flight.type}:{flight.state}"
 
     def _hello(self) -> dict[str, Any]:
         flight = self.channel.in_flight

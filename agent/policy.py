@@ -5,6 +5,7 @@
     allow_downgrade: false                # accept an older version of the active rune
     require_provenance: false             # refuse runes published without provenance
     probation: {window: 600, max_failures: 3, min_successes: 20}
+    telemetry: {window_s: 300, buffer_reports: 2016}   # report window, reports kept offline
     run: {...}                            # the run loop's settings: see agent.runconfig
 
 Rules: the file is optional (the defaults apply); an unknown key or a bad value is a
@@ -31,8 +32,12 @@ _KEYS = {
     "allow_downgrade",
     "require_provenance",
     "probation",
+    "telemetry",
     "run",
 }
+_TELEMETRY_KEYS = {"window_s", "buffer_reports"}
+MIN_WINDOW_S = 1.0
+MAX_WINDOW_S = 86400.0
 
 
 class PolicyError(ValueError):
@@ -46,6 +51,8 @@ class AgentPolicy:
     allow_downgrade: bool = False
     probation: ProbationPolicy = field(default_factory=ProbationPolicy)
     require_provenance: bool = False
+    telemetry_window_s: float = 300.0
+    telemetry_buffer_reports: int = 2016
 
     def allowed_kinds(self) -> frozenset[CapabilityKind]:
         return frozenset(CapabilityKind[name] for name in self.allowed_capabilities)
@@ -87,4 +94,29 @@ class AgentPolicy:
             probation_policy = ProbationPolicy(**probation)
         except (TypeError, ProbationError) as exc:
             raise PolicyError(f"{path}: probation: {exc}") from None
-        return cls(frozenset(names), calls, downgrade, probation_policy, require_provenance)
+        window_s, buffer_reports = _telemetry(path, data.get("telemetry", {}))
+        return cls(
+            frozenset(names),
+            calls,
+            downgrade,
+            probation_policy,
+            require_provenance,
+            window_s,
+            buffer_reports,
+        )
+
+
+def _telemetry(path: Path, raw: Any) -> tuple[float, int]:
+    if not isinstance(raw, dict) or set(raw) - _TELEMETRY_KEYS:
+        raise PolicyError(f"{path}: telemetry takes {', '.join(sorted(_TELEMETRY_KEYS))}")
+    window = raw.get("window_s", 300.0)
+    if isinstance(window, bool) or not isinstance(window, int | float):
+        raise PolicyError(f"{path}: telemetry.window_s must be a number of seconds")
+    if not MIN_WINDOW_S <= window <= MAX_WINDOW_S:
+        raise PolicyError(
+            f"{path}: telemetry.window_s must be {MIN_WINDOW_S:g} to {MAX_WINDOW_S:g} seconds"
+        )
+    kept = raw.get("buffer_reports", 2016)
+    if not isinstance(kept, int) or isinstance(kept, bool) or not 1 <= kept <= 100_000:
+        raise PolicyError(f"{path}: telemetry.buffer_reports must be a whole number 1-100000")
+    return float(window), kept

@@ -70,6 +70,7 @@ _POLICY_KEYS = {
     "allow_downgrade",
     "require_provenance",
     "probation",
+    "telemetry",
 }
 _TOP_LEVEL_KEY = re.compile(r"^[^\s#]")
 _RUN_KEY = re.compile(r"^run\s*:")

@@ -22,7 +22,10 @@ Rules:
   step is logged and reported as a failed step.
 - `reconfigure` may be called from any thread at any time: the new settings apply from the next
   step, and a shorter interval cuts the current wait. The counters (`stats`) cover every step
-  since the loop was made; latency is the rune call alone, over the last `LATENCY_WINDOW` runs.
+  since the loop was made, the rune's sandbox errors by kind among them; latency is the rune call
+  alone, over the last `LATENCY_WINDOW` runs.
+- After the sink, a successful run's outputs go to `on_outputs` (telemetry's windows), on the
+  step's thread; what it raises is logged and changes nothing about the step.
 """
 
 from __future__ import annotations
@@ -32,17 +35,19 @@ import contextlib
 import enum
 import logging
 import math
+import re
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from agent.policy import AgentPolicy
 from agent.runconfig import RunConfig
 from agent.sandbox.errors import SandboxError
 from agent.sandbox.limits import SandboxLimits
+from agent.sandbox.outputs import OutputRecord
 from agent.sandbox.runner import LoadedRune, load_rune
 from agent.sensors import InputPending, LiveSources, SourceError
 from agent.sink import OutputSink, SinkError
@@ -97,6 +102,7 @@ class LoopStats:
     latency_p95_s: float | None
     rune: str | None
     input: str
+    errors: dict[str, int] = field(default_factory=dict)
 
 
 class RuneLoop:
@@ -129,6 +135,8 @@ class RuneLoop:
         self._current_rune: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
+        self._errors: dict[str, int] = {}
+        self.on_outputs: Callable[[SlotRune, bytes, list[OutputRecord]], None] | None = None
 
     # -- settings -----------------------------------------------------------------------------
 
@@ -186,6 +194,7 @@ class RuneLoop:
         sources = self._live_sources()
         rune = self._loaded(info, data, sources)
         if isinstance(rune, SandboxError):
+            self._count_error(rune)
             return self._report(now, info, f"{info.ref} failed to load: {rune}")
         try:
             ready = sources.prepare()
@@ -208,6 +217,7 @@ class RuneLoop:
         except SandboxError as exc:
             sources.commit()
             self._rune = None
+            self._count_error(exc)
             return self._report(now, info, f"{info.ref} failed: {exc}")
         latency = time.perf_counter() - started
         sources.commit()
@@ -218,6 +228,11 @@ class RuneLoop:
             self._output_sink().write(now, info.ref, records)
         except SinkError as exc:
             sink_error = str(exc)
+        if self.on_outputs is not None:
+            try:
+                self.on_outputs(info, data, records)
+            except Exception:
+                log.exception("the outputs' observer failed")
         return self._report(now, info, "", outputs=len(records), latency=latency, sink=sink_error)
 
     def _report(
@@ -392,7 +407,13 @@ class RuneLoop:
                 latency_p95_s=_percentile(latencies, 95),
                 rune=self._current_rune,
                 input=self.config.input.describe(),
+                errors=dict(self._errors),
             )
+
+    def _count_error(self, exc: SandboxError) -> None:
+        kind = re.sub(r"(?<!^)(?=[A-Z])", "-", type(exc).__name__).lower()
+        with self._stats_lock:
+            self._errors[kind] = self._errors.get(kind, 0) + 1
 
 
 def _percentile(ordered: list[float], percent: float) -> float | None:

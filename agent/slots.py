@@ -417,6 +417,12 @@ class Slots:
             raise SlotError(f"there is no slot {slot!r}; slots are {', '.join(SLOTS)}")
         return self._check(slot)[1]
 
+    def contents(self, slot: str) -> bytes:
+        """The intact rune in `slot`; `SlotCorrupted` if it holds none."""
+        if slot not in SLOTS:
+            raise SlotError(f"there is no slot {slot!r}; slots are {', '.join(SLOTS)}")
+        return self._check(slot)[0]
+
     def active(self, now: float) -> tuple[bytes, SlotRune] | None:
         """The active rune, verified; a corrupted one is replaced by the previous rune."""
         state = self.state()

@@ -27,6 +27,8 @@ Rules:
 - Every refusal is counted in `fleet_messages_refused_total{kind}` and logged as a security event;
   it changes nothing. A message whose handling fails (the database away for a moment) is logged
   and dropped; it never stops its worker or the link.
+- Telemetry reports are handed to `telemetry` (`fleet.telemetry.consumer`) as they come; with no
+  `telemetry` the link does not subscribe to them (separate ingest workers take them).
 - On every (re)connection the link subscribes to the device channels and asks the outbox to send
   every unfinished command again; while connected it re-sends what was not acknowledged and
   times out what passed its deadline (`Outbox.resend_due`) every `RESEND_INTERVAL_S`.
@@ -189,6 +191,9 @@ class BrokerLink:
         self._workers: list[asyncio.Task[None]] = []
         # What else a device's `hello` starts (the controller asks it to attest if it is due).
         self.on_hello: Callable[[str], Awaitable[None]] = _nothing
+        # Where telemetry reports go (`fleet.telemetry`); None: this link does not subscribe to
+        # them (separate ingest workers take them).
+        self.telemetry: Callable[[str, bytes], Awaitable[None]] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="broker-link")
@@ -250,7 +255,8 @@ class BrokerLink:
             # aiomqtt warns from 10 publishes awaiting their PUBACK; a wave's commands are
             # published together (`Outbox.send_many`), so warn only past that.
             client.pending_calls_threshold = PUBLISH_PENDING_WARNING
-            for topic_filter in device_subscriptions(self.settings.share_group):
+            channels = set(_SEQ_FIELD) | ({Channel.TELEMETRY} if self.telemetry else set())
+            for topic_filter in device_subscriptions(self.settings.share_group, channels):
                 await client.subscribe(topic_filter, qos=1)
 
             async def publish(topic_name: str, data: bytes) -> None:
@@ -300,6 +306,9 @@ class BrokerLink:
     async def submit(self, topic_name: str, data: bytes, retained: bool = False) -> None:
         """Hand one message to its device's worker, waiting while that worker's queue is full."""
         parsed = parse_topic(topic_name)
+        if parsed is not None and parsed[1] is Channel.TELEMETRY and self.telemetry is not None:
+            await self.telemetry(topic_name, data)
+            return
         if parsed is None or parsed[1] not in _SEQ_FIELD:
             return  # not a device topic the link handles; `handle_batch` would ignore it too
         if not self._workers:

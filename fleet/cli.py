@@ -226,6 +226,16 @@ def serve(
         str | None,
         typer.Option(help="Consume device topics as this MQTT 5 shared-subscription group."),
     ] = None,
+    telemetry_ingest: Annotated[
+        bool,
+        typer.Option(
+            help="Take devices' telemetry reports in this process; --no-telemetry-ingest when "
+            "`fleetctl telemetry ingest` workers take them."
+        ),
+    ] = True,
+    telemetry_retention: Annotated[
+        str, typer.Option(help="Keep telemetry reports this long (30d, 12h...).")
+    ] = "30d",
 ) -> None:
     """Run the controller: the API, the signed repository, the renewal schedule, and the link
     to the MQTT broker (an embedded one unless --mqtt-url names another)."""
@@ -235,14 +245,21 @@ def serve(
     from fleet.broker import BrokerError
     from fleet.db import DatabaseError
     from fleet.fleetdir import FleetDir, FleetDirError
+    from fleet.rollout_plan import parse_duration
     from fleet.server import MqttOptions
     from fleet.server import serve as run_server
+    from fleet.telemetry.service import TelemetryOptions
     from ota.repository import RepositoryError
 
     logs.configure(log_level)
     mqtt = MqttOptions(mqtt_url, mqtt_listen, mqtt_ca, mqtt_cert, mqtt_key, mqtt_share_group)
     try:
-        asyncio.run(run_server(FleetDir.from_option(directory), listen, db_url, mqtt))
+        retention = parse_duration(telemetry_retention, "telemetry-retention")
+        telemetry = TelemetryOptions(telemetry_ingest, retention)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    try:
+        asyncio.run(run_server(FleetDir.from_option(directory), listen, db_url, mqtt, telemetry))
     except BrokerError as exc:
         _fail(str(exc), EXIT_REFUSED)
     except ValueError as exc:
@@ -952,6 +969,11 @@ from fleet.attestation_cli import attestation_app  # noqa: E402
 
 app.add_typer(attestation_app, name="attestation")
 
+
+# Telemetry (fleet/telemetry_cli.py).
+from fleet.telemetry_cli import telemetry_app  # noqa: E402
+
+app.add_typer(telemetry_app, name="telemetry")
 
 # Admission policy (fleet/policy_cli.py).
 from fleet.policy_cli import policy_app  # noqa: E402

@@ -36,6 +36,7 @@ from ota.repository import ONLINE_ROLES, TOP_LEVEL_ROLES
 
 if TYPE_CHECKING:
     from fleet.scheduler import Scheduler
+    from fleet.telemetry.service import TelemetryService
 
 RENEWAL_MAX_SLEEP_S = 60.0
 
@@ -53,6 +54,8 @@ class Controller:
     outbox: Outbox | None = None
     # The rollout scheduler (set by `serve` once the broker link exists).
     scheduler: Scheduler | None = None
+    # Telemetry's ingest, retention and gauges (set by `serve`).
+    telemetry: TelemetryService | None = None
     _device_keys: dict[str, SSlibKey] = field(default_factory=dict)
     _renewal: asyncio.Task[None] | None = None
 

@@ -4,11 +4,13 @@ Rules:
 - Startup order: database (with migrations), repository, an immediate renewal (the controller may
   have been down past a timestamp's expiry), the broker (the embedded one unless a broker URL is
   given), this controller's agent release as an attestation reference, the link to the broker,
-  then the HTTP listener, the rollout scheduler (`fleet.scheduler`) and the attestation schedule;
+  then the HTTP listener, the rollout scheduler (`fleet.scheduler`), the attestation schedule and
+  telemetry's retention and gauges (`fleet.telemetry.service`);
   the first line on stdout is `listening on http://HOST:PORT` once requests are accepted (port 0
   picks a free port), the second `broker mqtt://HOST:PORT` (the URL devices are given).
 - Shutdown: stop accepting, let in-flight requests finish (up to `SHUTDOWN_GRACE_S`), stop the
-  rollout scheduler, the broker link, the embedded broker and the renewal task, close the database.
+  rollout scheduler, telemetry, the broker link, the embedded broker and the renewal task, close
+  the database.
 - `running_controller` is all of that as an async context manager yielding a `ServerHandle`;
   `serve` only adds the two stdout lines and waits for a signal. Its `clock` drives the command
   channel (the outbox's deadlines and resends, the broker link's freshness checks), so a test can
@@ -40,6 +42,8 @@ from fleet.fleetdir import FleetDir
 from fleet.logs import log
 from fleet.outbox import CommandKey, Outbox
 from fleet.scheduler import Scheduler
+from fleet.telemetry.metrics import TelemetryMetrics
+from fleet.telemetry.service import TelemetryOptions, TelemetryService
 from fleet.tuf_store import FleetRepository, utcnow
 
 SHUTDOWN_GRACE_S = 10.0
@@ -84,6 +88,7 @@ async def running_controller(
     mqtt: MqttOptions | None = None,
     *,
     clock: Callable[[], datetime] = utcnow,
+    telemetry_options: TelemetryOptions | None = None,
 ) -> AsyncIterator[ServerHandle]:
     """Start the controller (see the module docstring for the order); stop it on exit."""
     config = fleet_dir.load_config()
@@ -97,6 +102,7 @@ async def running_controller(
     link: BrokerLink | None = None
     scheduler: Scheduler | None = None
     schedule: AttestationSchedule | None = None
+    telemetry: TelemetryService | None = None
     try:
         repository = await FleetRepository.open(fleet_dir, config.lifetimes())
         ctl = Controller(fleet_dir, config, repository, version=dist_version("fleet-tinyml"))
@@ -119,6 +125,15 @@ async def running_controller(
             settings, outbox, ctl.device_key, ChannelMetrics(ctl.metrics.registry), clock
         )
         link.on_hello = schedule.hello
+        telemetry = TelemetryService(
+            telemetry_options or TelemetryOptions(),
+            ctl.device_key,
+            TelemetryMetrics(ctl.metrics.registry),
+            clock,
+        )
+        ctl.telemetry = telemetry
+        if telemetry.queue is not None:
+            link.telemetry = telemetry.queue.submit
         ctl.device_broker_url = config.device_broker_url or broker_url
         runner = web.AppRunner(
             make_app(ctl), access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S, handle_signals=False
@@ -133,6 +148,7 @@ async def running_controller(
         ctl.scheduler = scheduler
         scheduler.start()
         schedule.start()
+        telemetry.start()
         bound = runner.addresses[0]
         url_host = f"[{host}]" if ":" in host else host  # an IPv6 address needs brackets in a URL
         log(
@@ -159,6 +175,8 @@ async def running_controller(
             await schedule.stop()
         if scheduler is not None:
             await scheduler.stop()
+        if telemetry is not None:
+            await telemetry.stop()
         if link is not None:
             await link.stop()
         if broker is not None:
@@ -174,6 +192,7 @@ async def serve(
     listen: str | None,
     db_url: str | None,
     mqtt: MqttOptions | None = None,
+    telemetry: TelemetryOptions | None = None,
 ) -> None:
     # Before anything starts: a SIGTERM that arrives while starting (or just after the address
     # is printed) stops the controller gracefully once it is up, instead of killing it.
@@ -182,7 +201,9 @@ async def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        async with running_controller(fleet_dir, listen, db_url, mqtt) as server:
+        async with running_controller(
+            fleet_dir, listen, db_url, mqtt, telemetry_options=telemetry
+        ) as server:
             print(f"listening on {server.url}", flush=True)
             print(f"broker {server.broker_url}", flush=True)
             await stop.wait()

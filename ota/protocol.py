@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -71,6 +71,7 @@ class MessageType(StrEnum):
     STATUS = "status"
     SECURITY = "security-event"
     PRESENCE = "presence"
+    TELEMETRY = "telemetry"
 
 
 COMMAND_TYPES = frozenset(
@@ -87,7 +88,7 @@ TYPES_ON_CHANNEL: dict[Channel, frozenset[MessageType]] = {
     Channel.STATUS: frozenset({MessageType.HELLO, MessageType.STATUS, MessageType.SECURITY}),
     Channel.PRESENCE: frozenset({MessageType.PRESENCE}),
     Channel.EVIDENCE: frozenset(),
-    Channel.TELEMETRY: frozenset(),
+    Channel.TELEMETRY: frozenset({MessageType.TELEMETRY}),
 }
 
 
@@ -148,10 +149,13 @@ def parse_topic(name: str) -> tuple[str, Channel] | None:
         return None
 
 
-def device_subscriptions(share_group: str | None = None) -> list[str]:
-    """The topic filters the controller subscribes to; with `share_group`, as MQTT 5 shared
-    subscriptions so several controller processes split the devices' messages."""
-    filters = [f"{PREFIX}/d/+/{channel.value}" for channel in sorted(DEVICE_CHANNELS)]
+def device_subscriptions(
+    share_group: str | None = None, channels: Iterable[Channel] = DEVICE_CHANNELS
+) -> list[str]:
+    """The topic filters the controller subscribes to (every device's `channels`); with
+    `share_group`, as shared subscriptions so several controller processes split the devices'
+    messages."""
+    filters = [f"{PREFIX}/d/+/{channel.value}" for channel in sorted(channels)]
     if share_group:
         return [f"$share/{share_group}/{f}" for f in filters]
     return filters

@@ -28,7 +28,8 @@ import fleet.api.enroll
 import fleet.api.keys
 import fleet.api.policy
 import fleet.api.rollouts
-import fleet.api.runes  # noqa: F401  (registers routes)
+import fleet.api.runes
+import fleet.api.telemetry  # noqa: F401  (registers routes)
 from fleet.api import tuf
 from fleet.api.context import CONTROLLER, controller
 from fleet.api.errors import ApiError, error_response, json_response

@@ -16,6 +16,8 @@ Rules:
   its command history.
 - An attestation nonce is stored when it is issued and marked used when evidence answers it, so a
   nonce answers once, across restarts and replicas.
+- A telemetry report is stored once per (device, seq); its streams' noisy aggregates are rows of
+  `telemetry_value`. Nothing in either is a raw sample or output (`ota.telemetry`).
 """
 
 from __future__ import annotations
@@ -114,6 +116,9 @@ class Device(Model):
     attestation_expires_at = fields.DatetimeField(null=True)
     quarantined_at = fields.DatetimeField(null=True)
     quarantine_reason = fields.TextField(null=True)
+    # Telemetry reports at or below this seq were deleted by retention (`fleet.telemetry`): a
+    # copy of one arriving again is a replay, not a new report.
+    telemetry_floor = fields.BigIntField(default=0, db_default=0)
 
     class Meta:
         table = "device"
@@ -291,3 +296,42 @@ class AdmissionPolicy(Model):
 
     class Meta:
         table = "admission_policy"
+
+
+class TelemetryReport(Model):
+    """One device's report for one window (`ota.telemetry`): operational state and what paused."""
+
+    id = fields.BigIntField(primary_key=True)
+    device_id = fields.CharField(max_length=40)
+    seq = fields.BigIntField()
+    window_start = fields.DatetimeField()
+    window_end = fields.DatetimeField(db_index=True)
+    received_at = fields.DatetimeField()
+    active_rune = fields.CharField(max_length=255, null=True)
+    ops = fields.JSONField[dict[str, object]]()
+    paused = fields.JSONField[list[object]](default=list)
+
+    class Meta:
+        table = "telemetry_report"
+        unique_together = (("device_id", "seq"),)
+
+
+class TelemetryValue(Model):
+    """One stream's noisy aggregate in one report: a vector over the stream's keys."""
+
+    id = fields.BigIntField(primary_key=True)
+    report_id = fields.BigIntField(db_index=True)
+    device_id = fields.CharField(max_length=40, db_index=True)
+    stream = fields.CharField(max_length=100, db_index=True)
+    rune = fields.CharField(max_length=255)
+    kind = fields.CharField(max_length=16)
+    keys = fields.JSONField[list[str]]()
+    vector = fields.JSONField[list[float]]()  # one noisy value per key
+    mechanism = fields.CharField(max_length=16)
+    epsilon = fields.FloatField()
+    delta = fields.FloatField()
+    noise_std = fields.FloatField()
+    window_end = fields.DatetimeField(db_index=True)
+
+    class Meta:
+        table = "telemetry_value"

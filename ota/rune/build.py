@@ -47,6 +47,7 @@ from ota.rune.runefile import (
     StageKind,
     parse_runefile,
 )
+from ota.rune.streams import parse_streams
 from ota.rune.tensors import TensorType
 
 RUNEFILE_PART = "Runefile.yml"
@@ -109,6 +110,7 @@ def build_bundle(
     stages = [builder.stage(runefile.stages[n]) for n in order]
     resources = builder.resources()
     problems += builder.problems
+    streams = parse_streams(runefile.telemetry, runefile.stages, problems)
     if problems:
         raise RunefileError(problems)
     check_types(runefile, order, builder.checkers)
@@ -116,7 +118,13 @@ def build_bundle(
     contents = dict(builder.contents)
     contents[RUNEFILE_PART] = text.encode("utf-8")
     manifest = Manifest(
-        name, version, runefile.image, RUNEFILE_PART, tuple(stages), tuple(resources)
+        name,
+        version,
+        runefile.image,
+        RUNEFILE_PART,
+        tuple(stages),
+        tuple(resources),
+        streams=tuple(streams),
     )
     data = write_bundle(manifest, contents)
     # Re-read what was written: what the author ships is exactly what an agent will parse.

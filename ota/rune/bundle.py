@@ -31,6 +31,7 @@ from ota.rune.runefile import (
     Stage,
     StageKind,
 )
+from ota.rune.streams import StreamError, StreamSpec, stream_from_json
 from ota.rune.tensors import TensorError, TensorType
 
 FORMAT = "fleet-rune-bundle/1"
@@ -79,6 +80,7 @@ class Manifest:
     stages: tuple[BundleStage, ...]
     resources: tuple[ResourceEntry, ...] = ()
     parts: tuple[Part, ...] = ()
+    streams: tuple[StreamSpec, ...] = ()
 
     def stage(self, name: str) -> BundleStage:
         for entry in self.stages:
@@ -98,7 +100,7 @@ class Manifest:
         return kinds
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        document: dict[str, Any] = {
             "format": FORMAT,
             "name": self.name,
             "version": self.version,
@@ -111,6 +113,9 @@ class Manifest:
             ],
             "parts": [{"path": p.path, "sha256": p.sha256, "size": p.size} for p in self.parts],
         }
+        if self.streams:
+            document["telemetry"] = [s.to_json() for s in self.streams]
+        return document
 
     @classmethod
     def from_json(cls, data: Any) -> Manifest:
@@ -160,6 +165,7 @@ def write_bundle(manifest: Manifest, contents: dict[str, bytes]) -> bytes:
         manifest.stages,
         manifest.resources,
         parts,
+        manifest.streams,
     )
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
@@ -330,6 +336,10 @@ def _manifest_from_json(data: Any) -> Manifest:
         for r in data.get("resources", [])
     )
     parts = tuple(Part(str(p["path"]), str(p["sha256"]), int(p["size"])) for p in data["parts"])
+    try:
+        streams = tuple(stream_from_json(s) for s in data.get("telemetry", []))
+    except StreamError as exc:
+        raise BundleError(f"the bundle manifest's telemetry is malformed: {exc}") from None
     return Manifest(
         str(data["name"]),
         str(data["version"]),
@@ -338,4 +348,5 @@ def _manifest_from_json(data: Any) -> Manifest:
         stages,
         resources,
         parts,
+        streams,
     )

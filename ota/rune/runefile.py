@@ -11,6 +11,8 @@ Rules:
   strings are kept as written for the stage that reads them.
 - Resources have exactly one of `path` (relative to the Runefile) or `inline`, and `type` string
   (the default) or binary.
+- `telemetry` (this project's addition: the streams a device owner may opt in to) is kept as
+  written here and checked by `ota.rune.streams` when the bundle is built.
 Problems are reported together, each with the stage (or key) it is about and what to change.
 This module reads text; it opens no files.
 """
@@ -126,6 +128,7 @@ class Runefile:
     image: str
     stages: dict[str, Stage]
     resources: dict[str, Resource]
+    telemetry: object = None
 
 
 def parse_runefile(text: str) -> Runefile:
@@ -148,7 +151,7 @@ def parse_runefile(text: str) -> Runefile:
     if not isinstance(image, str):
         problems.append(Problem("image", f"must be a string, not {image!r}"))
         image = str(image)
-    known = {"version", "image", "pipeline", "resources"}
+    known = {"version", "image", "pipeline", "resources", "telemetry"}
     for key in doc:
         if key not in known:
             problems.append(
@@ -167,7 +170,7 @@ def parse_runefile(text: str) -> Runefile:
                 stages[stage.name] = stage
     if problems:
         raise RunefileError(problems)
-    return Runefile(image=image, stages=stages, resources=resources)
+    return Runefile(image=image, stages=stages, resources=resources, telemetry=doc.get("telemetry"))
 
 
 def _parse_resources(raw: object, problems: list[Problem]) -> dict[str, Resource]:

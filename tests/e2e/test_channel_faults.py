@@ -35,7 +35,6 @@ import getpass
 import json
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -62,6 +61,7 @@ from tests.controller import (
     write_legacy_rune,
 )
 from tests.mosquitto import free_port, require_mosquitto
+from tests.relay import GatedProxy
 
 T = TypeVar("T")
 RUNE = "counter@1.0.0"
@@ -142,82 +142,6 @@ def plain_mosquitto(directory: Path) -> Iterator[PlainMosquitto]:
         yield broker
     finally:
         broker.stop()
-
-
-# A TCP relay in front of the controller's HTTP port that the test can pause.
-
-
-@dataclass
-class GatedProxy:
-    """Relays 127.0.0.1:`port` to `upstream`; while held, nothing is connected or forwarded."""
-
-    upstream: tuple[str, int]
-    gate: threading.Event = field(default_factory=threading.Event)
-    _listener: socket.socket = field(init=False)
-    _sockets: list[socket.socket] = field(default_factory=list)
-    _closed: bool = False
-    refused: int = 0  # connections the upstream refused (the controller was down)
-
-    def __post_init__(self) -> None:
-        self.gate.set()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-
-    def hold(self) -> None:
-        self.gate.clear()
-
-    def release(self) -> None:
-        self.gate.set()
-
-    def close(self) -> None:
-        self._closed = True
-        self.gate.set()
-        for sock in [self._listener, *self._sockets]:
-            with contextlib.suppress(OSError):
-                sock.close()
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            self._sockets.append(client)
-            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
-
-    def _relay(self, client: socket.socket) -> None:
-        self.gate.wait()
-        try:
-            upstream = socket.create_connection(self.upstream, 5)
-        except OSError:  # the controller is down: the device sees its connection closed
-            self.refused += 1
-            client.close()
-            return
-        upstream.settimeout(None)
-        self._sockets.append(upstream)
-        for source, sink in ((client, upstream), (upstream, client)):
-            threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while True:
-                data = source.recv(65536)
-                if not data:
-                    break
-                self.gate.wait()
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                with contextlib.suppress(OSError):
-                    sock.close()
 
 
 # Devices and what they hold.
