@@ -137,52 +137,60 @@ def list_streams(
 
 @consent_app.command()
 def grant(
-    stream: Annotated[str, typer.Argument(help="RUNE/STREAM, as `consent list` shows it.")],
+    streams: Annotated[
+        list[str], typer.Argument(help="RUNE/STREAM names, as `consent list` shows them.")
+    ],
     budget: Annotated[
         float | None,
         typer.Option(help="Spend at most this epsilon per period (below the rune's own budget)."),
     ] = None,
     state_dir: StateDirOpt = DEFAULT_STATE_DIR,
 ) -> None:
-    """Let the agent send STREAM's noisy aggregate, from the next report on."""
+    """Let the agent send each STREAM's noisy aggregate, from the next report on."""
     try:
-        check_stream_id(stream)
+        for stream in streams:
+            check_stream_id(stream)
         if budget is not None and not budget > 0:
             raise ConsentError(f"--budget must be a positive epsilon, not {budget:g}")
     except ConsentError as exc:
         _fail(str(exc), EXIT_USAGE)
-    try:
-        ConsentStore(state_dir).grant(stream, time.time(), budget)
-    except ConsentError as exc:
-        _fail(str(exc), EXIT_STATE)
-    spec = declared_streams(state_dir).get(stream)
-    if spec is None:
+    declared = declared_streams(state_dir)
+    for stream in streams:
+        try:
+            ConsentStore(state_dir).grant(stream, time.time(), budget)
+        except ConsentError as exc:
+            _fail(str(exc), EXIT_STATE)
+        spec = declared.get(stream)
+        if spec is None:
+            out.print(
+                f"granted {stream}; no installed rune declares it yet, so nothing is sent until "
+                "one does",
+                highlight=False,
+            )
+            continue
+        cap = spec.budget if budget is None else min(budget, spec.budget)
         out.print(
-            f"granted {stream}; no installed rune declares it yet, so nothing is sent until one "
-            "does",
+            f"granted {stream}: the {_describe(spec)}, with {spec.mechanism.value} noise for "
+            f"epsilon {spec.epsilon:g} per report and at most {cap:g} per "
+            f"{spec.period_s / 3600:g} h",
             highlight=False,
         )
-        return
-    cap = spec.budget if budget is None else min(budget, spec.budget)
-    out.print(
-        f"granted {stream}: the {_describe(spec)}, with {spec.mechanism.value} noise for "
-        f"epsilon {spec.epsilon:g} per report and at most {cap:g} per {spec.period_s / 3600:g} h",
-        highlight=False,
-    )
 
 
 @consent_app.command()
 def revoke(
-    stream: Annotated[str, typer.Argument(help="RUNE/STREAM.")],
+    streams: Annotated[list[str], typer.Argument(help="RUNE/STREAM names.")],
     state_dir: StateDirOpt = DEFAULT_STATE_DIR,
 ) -> None:
-    """Stop sending STREAM, from the next report on."""
+    """Stop sending each STREAM, from the next report on."""
     try:
-        check_stream_id(stream)
+        for stream in streams:
+            check_stream_id(stream)
     except ConsentError as exc:
         _fail(str(exc), EXIT_USAGE)
-    try:
-        was = ConsentStore(state_dir).revoke(stream)
-    except ConsentError as exc:
-        _fail(str(exc), EXIT_STATE)
-    out.print(f"revoked {stream}" if was else f"{stream} was not granted; nothing changed")
+    for stream in streams:
+        try:
+            was = ConsentStore(state_dir).revoke(stream)
+        except ConsentError as exc:
+            _fail(str(exc), EXIT_STATE)
+        out.print(f"revoked {stream}" if was else f"{stream} was not granted; nothing changed")

@@ -6,7 +6,8 @@ appraised by the controller), the example sine rune built with its in-toto state
 by a publisher key the demo org's admission policy requires, pushed, and rolled out to every
 device in two waves (a canary, then the rest; one wave for a single device) through signed
 commands, then a summary of what each device attested, verified, installed and runs, and of the
-rollout.
+rollout. The devices' owners opt in to the rune's two telemetry streams (visibly, as the first
+thing each device does), so the demo ends with the fleet's noisy aggregate of the rune's output.
 
 Rules:
 - Everything lives in one temporary directory, removed on exit (Ctrl-C included) unless `--keep`;
@@ -16,7 +17,9 @@ Rules:
   device; 4 if a process of the demo could not start. The demo never prints a traceback for
   something that went wrong in it.
 - "Running" is checked where the data is, on the device: the agent's output sink. No output
-  leaves the device; only the deployment status goes to the controller.
+  leaves the device: the deployment status goes to the controller, and the telemetry streams the
+  owners granted, as noisy per-window aggregates (`fleet.telemetry`). The demo's windows are
+  `DEMO_WINDOW_S` long, so it has several reports per device within seconds.
 """
 
 from __future__ import annotations
@@ -53,6 +56,10 @@ FOLLOW_TIMEOUT_S = 300.0
 DEMO_WAVES = "1,100%"  # a canary, then the rest
 DEMO_SOAK = "0"
 AGENT_RUN_CONFIG = {"input": {"kind": "random", "seed": 7}, "interval_s": 0.25}
+DEMO_WINDOW_S = 2
+DEMO_STREAMS = ("sine/sine_mean", "sine/sine_histogram")
+TELEMETRY_REPORTS_PER_DEVICE = 5
+TELEMETRY_TIMEOUT_S = 60.0
 AGENT = "from agent.cli import main; main()"
 FLEETCTL = "from fleet.cli import main; main()"
 
@@ -249,6 +256,13 @@ def _demo(
         for row in rows:
             row.id = _enroll(processes, row, server, fleet_dir.root_json, token)
             row.state = "enrolled"
+    for row in rows:
+        _opt_in(row)
+    console.print(
+        f"each device's owner opted in to {' and '.join(DEMO_STREAMS)} "
+        f"(`fleet-agent consent grant`): noisy aggregates every {DEMO_WINDOW_S} s, no raw output"
+    )
+    with console.status("starting the agents"):
         for row in rows:
             processes.start(f"agent-{row.index}", AGENT, "run", "--state-dir", str(row.state_dir))
         _wait_online(api, rows)
@@ -278,12 +292,15 @@ def _demo(
         row.active_rune = device.get("active_rune")
         row.attestation = _attestation(device)
     _wait_running(rows)
+    with console.status("waiting for the devices' telemetry reports"):
+        telemetry = _telemetry(api, len(rows))
     return {
         "rune": f"default/{EXAMPLE}@{EXAMPLE_VERSION}",
         "provenance": pushed["provenance"],
         "controller": server,
         "broker": broker,
         "devices": [row.summary() for row in rows],
+        "telemetry": telemetry,
         "rollout": {
             "id": rollout["id"],
             "state": rollout["state"],
@@ -358,7 +375,8 @@ def _build_example(workdir: Path) -> tuple[bytes, dict[str, Any]]:
 
 def _enroll(processes: Processes, row: DeviceRow, server: str, root: Path, token: str) -> str:
     row.state_dir.mkdir(parents=True)
-    (row.state_dir / "agent.yaml").write_text(json.dumps({"run": AGENT_RUN_CONFIG}))
+    settings = {"run": AGENT_RUN_CONFIG, "telemetry": {"window_s": DEMO_WINDOW_S}}
+    (row.state_dir / "agent.yaml").write_text(json.dumps(settings))
     done = subprocess.run(
         [
             sys.executable,
@@ -385,6 +403,40 @@ def _enroll(processes: Processes, row: DeviceRow, server: str, root: Path, token
     if done.returncode != 0:
         raise DemoError(f"device {row.index} could not enroll: {done.stderr.decode().strip()}")
     return str(json.loads(done.stdout)["device_id"])
+
+
+def _opt_in(row: DeviceRow) -> None:
+    """What a device owner does on the device: `fleet-agent consent grant STREAM...`."""
+    done = subprocess.run(
+        [sys.executable, "-c", AGENT, "consent", "grant", *DEMO_STREAMS,
+         "--state-dir", str(row.state_dir)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise DemoError(f"device {row.index} could not opt in: {done.stderr.decode().strip()}")
+
+
+def _telemetry(api: ApiClient, devices: int) -> dict[str, Any]:
+    """Each demo stream's fleet aggregate, once every device sent a few reports of it."""
+    wanted = devices * TELEMETRY_REPORTS_PER_DEVICE
+    rune = f"{EXAMPLE}@{EXAMPLE_VERSION}"
+    deadline = time.monotonic() + TELEMETRY_TIMEOUT_S
+    while True:
+        answers = {
+            stream: _call(
+                api,
+                "GET",
+                f"/api/v1/telemetry/streams/{stream}",
+                params={"since": "1h", "rune": rune},
+            )["aggregate"]
+            for stream in DEMO_STREAMS
+        }
+        enough = all(a["devices"] == devices and a["reports"] >= wanted for a in answers.values())
+        if enough or time.monotonic() > deadline:
+            return answers
+        time.sleep(0.5)
 
 
 def _wait_online(api: ApiClient, rows: list[DeviceRow]) -> None:
@@ -490,6 +542,22 @@ def _print_summary(console: Console, summary: dict[str, Any]) -> None:
             device["active_rune"] or "-",
         )
     console.print(table)
+    for stream, aggregate in summary["telemetry"].items():
+        if aggregate.get("value") is None:
+            console.print(f"{stream}: no report yet", highlight=False)
+            continue
+        view = Table(
+            title=f"telemetry {stream}",
+            caption=f"the fleet's mean of {aggregate['reports']} noisy reports from "
+            f"{aggregate['devices']} devices; ± is the 95% error bar of their noise",
+        )
+        for column in ("key", "value", "±"):
+            view.add_column(column)
+        for key, value, error in zip(
+            aggregate["keys"], aggregate["value"], aggregate["error"], strict=True
+        ):
+            view.add_row(key, f"{value:.3f}", f"{error:.3f}")
+        console.print(view)
 
 
 def _keep_running(

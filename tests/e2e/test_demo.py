@@ -2,7 +2,8 @@
 
 - `fleetctl demo --devices 2 -o json` exits 0 and prints one JSON object: every device verified,
   installed and running the example rune, with its id, state and active rune, and the rollout
-  completed in two waves (the canary, then the other device); the temporary
+  completed in two waves (the canary, then the other device), and each telemetry stream's fleet
+  aggregate of the two devices' noisy reports with its error bar; the temporary
   directory it worked in is gone afterwards and none of its processes are left.
 - Ctrl-C (SIGINT) in the middle stops every process the demo started and removes its files.
 """
@@ -70,6 +71,12 @@ def test_the_demo_deploys_to_every_device_and_cleans_up(tmp_path: Path) -> None:
         (2, 1, 1),
     ], rollout
     assert all(sum(w["counts"].values()) == w["size"] for w in rollout["waves"]), rollout
+    # The owners opted in: each stream's fleet aggregate of both devices' noisy reports.
+    for stream in ("sine/sine_mean", "sine/sine_histogram"):
+        aggregate = summary["telemetry"][stream]
+        assert aggregate["devices"] == 2 and aggregate["reports"] >= 10, aggregate
+        assert len(aggregate["value"]) == len(aggregate["error"]) == len(aggregate["keys"])
+        assert all(error > 0 for error in aggregate["error"])
     assert "admin_token" not in summary
     assert list(tmp_path.iterdir()) == []
     assert _leftover_processes(str(tmp_path)) == []

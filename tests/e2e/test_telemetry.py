@@ -198,7 +198,7 @@ def test_no_raw_output_leaves_a_device_but_its_noisy_aggregates_do(fleet: Fleet)
     bodies = telemetry_bodies(fleet.relays["granted"], fleet.agents["granted"].device_id)
     streams = [s for body in bodies for s in body["body"]["streams"]]
     assert {s["stream"] for s in streams} == {"sine/sine_mean", "sine/sine_histogram"}
-    assert all(s["noise_std"] > 0 and s["epsilon"] == 1.0 for s in streams)
+    assert all(s["noise_std"] > 0 and s["epsilon"] == 4.0 for s in streams)
     aggregate = _aggregate(fleet.ctl, "sine/sine_histogram")
     assert aggregate["keys"] == ["[-1,-0.5)", "[-0.5,0)", "[0,0.5)", "[0.5,1]"]
     assert len(aggregate["value"]) == 4 and all(e > 0 for e in aggregate["error"])
@@ -356,7 +356,7 @@ def test_consent_list_shows_what_each_stream_costs(fleet: Fleet) -> None:
     assert done.returncode == 0, done.stderr
     rows = {row["stream"]: row for row in json.loads(done.stdout)}
     assert set(rows) == {"sine/sine_mean", "sine/sine_histogram"}
-    assert all(row["granted"] and row["epsilon_per_report"] == 1.0 for row in rows.values())
+    assert all(row["granted"] and row["epsilon_per_report"] == 4.0 for row in rows.values())
     assert all(0 < row["spent"] <= row["budget"] for row in rows.values())
     bad = fleet_agent(
         "consent", "grant", "not a stream", "--state-dir", fleet.agents["silent"].state_dir
