@@ -689,6 +689,12 @@ def rollout_status(
             help="Refresh until the rollout is completed (exit 0), aborted or rolled-back (1).",
         ),
     ] = False,
+    stream: Annotated[
+        str | None,
+        typer.Option(
+            help="Also a telemetry stream (RUNE/STREAM) per wave: the canary against the rest."
+        ),
+    ] = None,
     server: ServerOpt = DEFAULT_SERVER,
     token: TokenOpt = None,
     output: OutputOpt = Output.text,
@@ -696,7 +702,8 @@ def rollout_status(
     """Show a rollout: waves with progress bars, counts by state, failure reasons, ETA.
 
     With --watch, follow it live until it ends: exit 0 when completed, 1 when aborted or
-    rolled back, 130 on Ctrl-C (the rollout goes on).
+    rolled back, 130 on Ctrl-C (the rollout goes on). With --stream, then the stream's
+    aggregate per wave (reports of the rollout's rune since it started).
     """
     path = _path(rollout_id)
     rollout = _call(server, token, lambda c: c.request("GET", path))
@@ -706,10 +713,21 @@ def rollout_status(
         except KeyboardInterrupt:
             err.print("stopped watching; the rollout goes on", highlight=False)
             raise typer.Exit(EXIT_INTERRUPTED) from None
+    telemetry = None
+    if stream is not None:
+        from fleet.telemetry_cli import stream_path
+
+        telemetry_path = stream_path(stream, [("since", "366d"), ("rollout", rollout_id)])
+        telemetry = _call(server, token, lambda c: c.request("GET", telemetry_path))
     if output is Output.json:
-        _emit_json(rollout)
-    elif not watch:
-        out.print(rollout_view(rollout, bar_width=_bar_width()))
+        _emit_json(rollout if telemetry is None else {**rollout, "telemetry": telemetry})
+    else:
+        if not watch:
+            out.print(rollout_view(rollout, bar_width=_bar_width()))
+        if telemetry is not None:
+            from fleet.telemetry_cli import waves_table
+
+            out.print(waves_table(telemetry))
     if watch:
         raise typer.Exit(_exit_code(rollout))
 

@@ -87,7 +87,7 @@ def telemetry_streams(
     out.print(table)
 
 
-def _aggregate_table(title: str, kind: str, aggregate: dict[str, Any]) -> Table | str:
+def _aggregate_table(title: str, aggregate: dict[str, Any]) -> Table | str:
     if aggregate.get("value") is None:
         return f"{title}: no reports"
     table = Table(
@@ -97,7 +97,7 @@ def _aggregate_table(title: str, kind: str, aggregate: dict[str, Any]) -> Table 
         "",
         title=f"{title}: {aggregate['reports']} reports from {aggregate['devices']} devices",
     )
-    share = kind in ("labels", "histogram")
+    share = aggregate["keys"] != ["mean"]
     for key, value, error in zip(
         aggregate["keys"], aggregate["value"], aggregate["error"], strict=True
     ):
@@ -121,24 +121,52 @@ def telemetry_show(
     output: OutputOpt = Output.text,
 ) -> None:
     """A stream's fleet aggregate with its error bar (per wave with --rollout)."""
-    rune_part, sep, name = stream.partition("/")
-    if not sep or not rune_part or not name or "/" in name:
-        _fail(f"{stream!r} is not a stream; streams are RUNE/STREAM such as sine/sine_mean", 2)
     query: list[tuple[str, str]] = [("since", since)]
     query += [(k, v) for k, v in (("rollout", rollout), ("rune", rune)) if v]
     query += [("label", item) for item in label or []]
-    path = f"/api/v1/telemetry/streams/{rune_part}/{name}?{urlencode(query)}"
+    path = stream_path(stream, query)
     result = _call(server, token, lambda c: c.request("GET", path))
     if output is Output.json:
         _emit_json(result)
         return
-    kind = ""
     aggregate = result["aggregate"]
-    for candidate in [aggregate, *[w["aggregate"] for w in result.get("waves", [])]]:
-        kind = kind or ("mean" if candidate.get("keys") == ["mean"] else "labels")
-    out.print(_aggregate_table(f"{stream} (fleet)", kind, aggregate))
-    for wave in result.get("waves", []):
-        out.print(_aggregate_table(f"wave {wave['wave']}", kind, wave["aggregate"]))
+    out.print(_aggregate_table(f"{stream} (fleet)", aggregate))
+    if result.get("waves"):
+        out.print(waves_table(result))
+
+
+def stream_path(stream: str, query: list[tuple[str, str]]) -> str:
+    """The API path of a stream's aggregate; exit 2 for a name that is not RUNE/STREAM."""
+    rune_part, sep, name = stream.partition("/")
+    if not sep or not rune_part or not name or "/" in name:
+        _fail(f"{stream!r} is not a stream; streams are RUNE/STREAM such as sine/sine_mean", 2)
+    return f"/api/v1/telemetry/streams/{rune_part}/{name}?{urlencode(query)}"
+
+
+def waves_table(answer: dict[str, Any]) -> Table | str:
+    """A rollout's stream per wave: one row per wave, one column per key (value ± error)."""
+    waves = answer.get("waves") or []
+    keys = next((w["aggregate"]["keys"] for w in waves if w["aggregate"].get("value")), None)
+    if keys is None:
+        return f"{answer['stream']}: no report from the rollout's devices yet"
+    share = keys != ["mean"]
+    table = Table("wave", "devices", "reports", *keys, title=f"{answer['stream']} per wave")
+    for wave in waves:
+        aggregate = wave["aggregate"]
+        cells = ["-"] * len(keys)
+        if aggregate.get("value") is not None and aggregate["keys"] == keys:
+            cells = [
+                _cell(v, e, share)
+                for v, e in zip(aggregate["value"], aggregate["error"], strict=True)
+            ]
+        table.add_row(
+            str(wave["wave"]), str(aggregate["devices"]), str(aggregate["reports"]), *cells
+        )
+    return table
+
+
+def _cell(value: float, error: float, share: bool) -> str:
+    return f"{value:.1%} ± {error:.1%}" if share else f"{value:.4g} ± {error:.3g}"
 
 
 @telemetry_app.command("ingest")

@@ -29,6 +29,7 @@ import base64
 import contextlib
 import json
 import re
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -114,7 +115,7 @@ def fleet(examples_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "sqlite", tmp / "controller", serve_args=("--mqtt-listen", f"127.0.0.1:{broker_port}")
     ) as ctl:
         http = GatedProxy(("127.0.0.1", ctl.port))
-        bundle = build_example(examples_dir, "sine", "0.1.0", tmp)
+        bundle = build_example(_roomy(examples_dir, tmp), "sine", "0.1.0", tmp)
         ctl.push(bundle, org="default")
         token = post(ctl, "/api/v1/enrollment-tokens", {"uses": len(NAMES), "ttl_s": 600})
         agents: dict[str, AgentProcess] = {}
@@ -160,6 +161,18 @@ def fleet(examples_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
                 agent.stop()
             for relay in [*relays.values(), http]:
                 relay.close()
+
+
+def _roomy(examples_dir: Path, tmp: Path) -> Path:
+    """The examples, with the sine rune's budget raised: reports every second would spend the
+    example's daily budget (24 reports) in half a minute, and these tests run longer."""
+    roomy = tmp / "examples"
+    shutil.copytree(examples_dir, roomy)
+    runefile = roomy / "sine" / "Runefile.yml"
+    runefile.write_text(
+        runefile.read_text().replace("epsilon: 4.0", "epsilon: 4.0\n    budget: 1e6")
+    )
+    return roomy
 
 
 def _aggregate(ctl: RunningController, stream: str) -> dict[str, Any]:
@@ -362,3 +375,41 @@ def test_consent_list_shows_what_each_stream_costs(fleet: Fleet) -> None:
         "consent", "grant", "not a stream", "--state-dir", fleet.agents["silent"].state_dir
     )
     assert bad.returncode == 2 and "RUNE/STREAM" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_rollout_shows_a_stream_per_wave(
+    fleet: Fleet, examples_dir: Path, tmp_path: Path
+) -> None:
+    ctl = fleet.ctl
+    ctl.push(
+        build_example(_roomy(examples_dir, tmp_path), "sine", "0.2.0", tmp_path), org="default"
+    )
+    devices = ",".join(agent.device_id for agent in fleet.agents.values())
+    created = ctl.cli(
+        "rollout", "create", "sine@0.2.0", "--devices", devices, "--waves", "1,100%",
+        "--soak", "0", "-o", "json",
+    )  # fmt: skip
+    rollout_id = json.loads(created.stdout)["id"]
+    done = ctl.cli("rollout", "status", rollout_id, "--watch", "-o", "json", timeout=300)
+    assert json.loads(done.stdout)["state"] == "completed"
+
+    def per_wave() -> list[dict[str, Any]]:
+        shown = ctl.cli(
+            "rollout", "status", rollout_id, "--stream", "sine/sine_histogram", "-o", "json"
+        )
+        waves: list[dict[str, Any]] = json.loads(shown.stdout)["telemetry"]["waves"]
+        return waves
+
+    wait_for(
+        lambda: all(w["aggregate"]["value"] is not None for w in per_wave()),
+        timeout=60,
+        message="the new version's histogram from both waves",
+    )
+    waves = per_wave()
+    assert [w["wave"] for w in waves] == [1, 2]
+    assert waves[0]["devices_drawn"] == 1 and waves[1]["devices_drawn"] == 3
+    assert waves[0]["aggregate"]["devices"] == 1
+    text = ctl.cli("rollout", "status", rollout_id, "--stream", "sine/sine_histogram")
+    assert "sine/sine_histogram per wave" in text.stdout
+    missing = ctl.cli("telemetry", "show", "sine/sine_mean", "--rollout", "r-nothing", check=False)
+    assert missing.returncode != 0 and "no rollout r-nothing" in missing.stderr
