@@ -7,18 +7,25 @@ Rules:
   signature, is refused. An envelope is never trusted for naming its own key.
 - Anything that is not a well-formed envelope within `max_bytes` raises `EnvelopeError` naming what
   was wrong; nothing here raises a library exception at its caller.
+- An Ed25519 signature is verified over the DSSE PAE by `cryptography` with the public key object
+  kept per key (securesystemslib does the same, but loads and wraps the key on every call: a
+  sixth of a verify, on paths that verify thousands of messages a second). Other key types go
+  through securesystemslib.
 """
 
 from __future__ import annotations
 
 import binascii
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from securesystemslib.dsse import Envelope
 from securesystemslib.exceptions import FormatError, VerificationError
-from securesystemslib.signer import Key, Signer
+from securesystemslib.signer import Key, Signer, SSlibKey
 
 
 class EnvelopeError(Exception):
@@ -44,11 +51,32 @@ class SealedEnvelope:
         """The payload, if the one signature is `key`'s; `EnvelopeError` otherwise."""
         if self.keyid != key.keyid:
             raise EnvelopeError("unknown-key", f"signed by key {self.keyid[:16]}, not the sender's")
+        public = _ed25519(key)
         try:
-            self.envelope.verify([key], 1)
-        except VerificationError:
+            if public is None:
+                self.envelope.verify([key], 1)
+            else:
+                signature = bytes.fromhex(self.envelope.signatures[self.keyid].signature)
+                public.verify(signature, self.envelope.pae())
+        except (VerificationError, InvalidSignature, ValueError):
             raise EnvelopeError("bad-signature", "the signature does not verify") from None
         return self.envelope.payload
+
+
+def _ed25519(key: Key) -> Ed25519PublicKey | None:
+    """`key` as a `cryptography` public key if it is an Ed25519 one (kept per key)."""
+    if not isinstance(key, SSlibKey) or key.keytype != "ed25519" or key.scheme != "ed25519":
+        return None
+    public = key.keyval.get("public")
+    return _ed25519_from_hex(public) if isinstance(public, str) else None
+
+
+@functools.lru_cache(maxsize=65536)
+def _ed25519_from_hex(public: str) -> Ed25519PublicKey | None:
+    try:
+        return Ed25519PublicKey.from_public_bytes(bytes.fromhex(public))
+    except ValueError:
+        return None
 
 
 def seal(payload: bytes, payload_type: str, signer: Signer) -> bytes:

@@ -25,7 +25,6 @@ Rules:
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+import orjson
 from securesystemslib.signer import Key, Signer
 
 from attestation.envelope import EnvelopeError, parse, seal
@@ -181,7 +181,7 @@ class Message:
             "type": self.type.value,
             "body": self.body,
         }
-        return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+        return orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
 
     @classmethod
     def from_payload(cls, payload: bytes) -> Message:
@@ -279,8 +279,8 @@ def command_id(message: Message) -> str:
 
 def _json_object(payload: bytes) -> dict[str, Any]:
     try:
-        document = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        document = orjson.loads(payload)
+    except orjson.JSONDecodeError:
         raise Refusal("malformed", "the payload is not JSON") from None
     if not isinstance(document, dict):
         raise Refusal("malformed", "the payload is not a JSON object")

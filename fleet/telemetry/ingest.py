@@ -15,16 +15,20 @@ Rules:
   `telemetry_floor` (reports retention deleted) is refused as `replayed`.
 - A batch is stored in one transaction: one multi-row `INSERT ... ON CONFLICT DO NOTHING
   RETURNING` for the reports, one statement for all their streams' values.
+- Device keys are looked up through `device_key` and kept `KEY_CACHE_S` (a device removed or
+  rejected is refused within that time); a message from a device not seen in that time costs one
+  lookup.
 """
 
 from __future__ import annotations
 
-import json
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from securesystemslib.signer import Key
 from tortoise.transactions import in_transaction
 
@@ -64,6 +68,7 @@ _INSERT_VALUES = (
     f"VALUES ({sql.marks(len(_VALUE_COLUMNS))})"
 )
 _CHUNK = 100  # reports per INSERT: 8 values each, far below either database's parameter limit
+KEY_CACHE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,7 @@ class TelemetryIngest:
         self.device_key = device_key
         self.metrics = metrics
         self.clock = clock
+        self._keys: dict[str, tuple[float, Key | None]] = {}
 
     async def handle_batch(self, items: Sequence[tuple[str, bytes]]) -> BatchResult:
         """Check and store `(topic, data)` reports; refusals are counted, never raised."""
@@ -122,27 +128,42 @@ class TelemetryIngest:
             self._refuse(Refusal("malformed", f"not a telemetry topic: {topic_name[:100]}"), None)
             return None
         device_id = parsed[0]
-        claimed = claimed_issuer(data)
-        keys: dict[str, Key] = {}
-        if claimed is not None:
-            key = await self.device_key(claimed)
-            if key is not None:
-                keys[claimed] = key
-        try:
-            message = open_message(
-                data,
-                audience=CONTROLLER,
-                channel=Channel.TELEMETRY,
-                key_for=keys.get,
-                last_seq=lambda _iss: 0,  # de-duplicated by (device, seq) when stored
-                now=self.clock().timestamp(),
-                topic_sender=device_id,
-            )
-            report = check_report(message.body)
-        except Refusal as refusal:
-            self._refuse(refusal, device_id)
-            return None
-        return Checked(device_id, message.seq, report)
+        await self._remember(device_id)
+        for attempt in (1, 2):
+            try:
+                message = open_message(
+                    data,
+                    audience=CONTROLLER,
+                    channel=Channel.TELEMETRY,
+                    key_for=self._known,
+                    last_seq=lambda _iss: 0,  # de-duplicated by (device, seq) when stored
+                    now=self.clock().timestamp(),
+                    topic_sender=device_id,
+                )
+                return Checked(device_id, message.seq, check_report(message.body))
+            except Refusal as refusal:
+                # Signed by a device other than the topic's, whose key is not cached yet: learn
+                # it, so the message is refused for what it is (`spoofed`), not as unknown.
+                claimed = claimed_issuer(data) if refusal.kind == "unknown-sender" else None
+                if attempt == 1 and claimed not in (None, device_id):
+                    assert claimed is not None
+                    if await self._remember(claimed):
+                        continue
+                self._refuse(refusal, device_id)
+                return None
+        return None
+
+    async def _remember(self, device_id: str) -> bool:
+        """Look `device_id`'s key up unless it is cached and fresh; whether it has one."""
+        cached = self._keys.get(device_id)
+        if cached is None or time.monotonic() - cached[0] > KEY_CACHE_S:
+            cached = (time.monotonic(), await self.device_key(device_id))
+            self._keys[device_id] = cached
+        return cached[1] is not None
+
+    def _known(self, device_id: str) -> Key | None:
+        cached = self._keys.get(device_id)
+        return None if cached is None else cached[1]
 
     async def _store(self, items: Sequence[Checked]) -> int:
         now = self.clock()
@@ -206,8 +227,8 @@ def _report_row(item: Checked, now: datetime) -> list[Any]:
         _time(report.window_end),
         now,
         active["ref"] if isinstance(active, dict) else None,
-        json.dumps(report.ops, separators=(",", ":")),
-        json.dumps([{"stream": s, "reason": r} for s, r in report.paused]),
+        orjson.dumps(report.ops).decode(),
+        orjson.dumps([{"stream": s, "reason": r} for s, r in report.paused]).decode(),
     ]
 
 
@@ -220,8 +241,8 @@ def _value_rows(report_id: int, item: Checked) -> list[list[Any]]:
             value.stream,
             value.rune,
             value.kind.value,
-            json.dumps(list(value.keys)),
-            json.dumps(list(value.values)),
+            orjson.dumps(value.keys).decode(),
+            orjson.dumps(value.values).decode(),
             value.mechanism.value,
             value.epsilon,
             value.delta,
