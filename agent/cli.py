@@ -499,6 +499,7 @@ def run(
     from agent.policy import PolicyError
     from agent.runconfig import RunConfigError
     from agent.slots import SlotError
+    from agent.telemetry.budget import BudgetError
 
     logging.basicConfig(
         level=getattr(logging, log_level.upper(), logging.INFO),
@@ -531,7 +532,14 @@ def run(
 
     try:
         asyncio.run(main())
-    except (DaemonError, PolicyError, SlotError, ChannelStateError, RunConfigError) as exc:
+    except (
+        DaemonError,
+        PolicyError,
+        SlotError,
+        ChannelStateError,
+        RunConfigError,
+        BudgetError,
+    ) as exc:
         _fail(str(exc), EXIT_STATE)
 
 

@@ -413,3 +413,14 @@ def test_a_rollout_shows_a_stream_per_wave(
     assert "sine/sine_histogram per wave" in text.stdout
     missing = ctl.cli("telemetry", "show", "sine/sine_mean", "--rollout", "r-nothing", check=False)
     assert missing.returncode != 0 and "no rollout r-nothing" in missing.stderr
+
+
+def test_a_damaged_budget_file_stops_the_agent_with_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "telemetry").mkdir()
+    (tmp_path / "telemetry" / "budget.json").write_text('{"format": "other"}')
+    enrollment = {"device_id": "d" * 33, "server": "http://127.0.0.1:9", "state": "enrolled"}
+    enrollment["broker_url"] = "mqtt://127.0.0.1:9"
+    (tmp_path / "enrollment.json").write_text(json.dumps(enrollment))
+    done = fleet_agent("run", "--state-dir", tmp_path)
+    assert done.returncode == 5
+    assert "not a privacy budget file" in done.stderr and "Traceback" not in done.stderr
