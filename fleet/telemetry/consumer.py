@@ -6,8 +6,9 @@ Rules:
   worker's own session) and hands them to `TelemetryIngest.handle_batch` in batches of up to
   `BATCH_MAX`, from `workers` tasks; its queue is bounded (`QUEUE_SIZE`), so a slow database
   slows the reading from the broker instead of filling memory. A batch that fails (the database
-  away for a moment) is logged and dropped: the devices' reports are lost then, not retried,
-  since the broker has already had them acknowledged.
+  locked by another writer, or away for a moment) is tried again `STORE_ATTEMPTS` times, waiting
+  `STORE_RETRY_S` doubling; after that it is logged and dropped (the broker has had the reports
+  acknowledged, so they are lost then).
 - `run_worker` is one ingest worker process (`fleetctl telemetry ingest`): its own MQTT session
   subscribed to every device's `telemetry` topic, as an MQTT shared subscription
   (`$share/GROUP/...`) when a group is given, so that several workers (on any machines) split the
@@ -17,9 +18,11 @@ Rules:
 - A worker's session runs on paho's own network thread, not through aiomqtt: receiving a message
   costs about half as much CPU that way, and receiving is a third of what a report costs. The
   thread hands reports to the event loop through a bounded inbox and waits while it is full (so
-  the broker queues instead of the worker's memory). Reports are acknowledged to the broker as
-  they are received (QoS 1), so a worker killed mid-batch loses what it held unstored; a stopped
-  worker stores everything it received first.
+  the broker queues instead of the worker's memory). A batch waits `LINGER_S` to fill unless it
+  is full already: a batch costs a transaction and a few statements whatever its size, and
+  reports arriving one by one would otherwise pay that each. Reports are acknowledged to the
+  broker as they are received (QoS 1), so a worker killed mid-batch loses what it held unstored;
+  a stopped worker stores everything it received first.
 - paho reconnects the session forever, waiting 1 s doubling to `BACKOFF_CAP_S`.
 - A worker looks device keys up in the database and keeps them `KEY_CACHE_S`, so a device
   removed or rejected is refused by every worker within that time.
@@ -55,6 +58,9 @@ from fleet.tuf_store import utcnow
 from ota.protocol import Channel, device_subscriptions
 
 BATCH_MAX = 256
+LINGER_S = 0.02
+STORE_ATTEMPTS = 5
+STORE_RETRY_S = 0.5
 QUEUE_SIZE = 4096
 BACKOFF_CAP_S = 30.0
 KEY_CACHE_S = 60.0
@@ -94,12 +100,26 @@ class TelemetryQueue:
             while len(batch) < BATCH_MAX and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                await self.ingest.handle_batch(batch)
-            except Exception as exc:
-                log("telemetry.batch_failed", reports=len(batch), error=repr(exc))
+                await store_batch(self.ingest, batch)
             finally:
                 for _ in batch:
                     self._queue.task_done()
+
+
+async def store_batch(
+    ingest: TelemetryIngest, batch: list[tuple[str, bytes]]
+) -> BatchResult | None:
+    """`ingest.handle_batch`, tried again while the database fails (locked, away), up to
+    `STORE_ATTEMPTS` times; None (logged) when it never succeeded."""
+    for attempt in range(STORE_ATTEMPTS):
+        try:
+            return await ingest.handle_batch(batch)
+        except Exception as exc:
+            if attempt + 1 == STORE_ATTEMPTS:
+                log("telemetry.batch_failed", reports=len(batch), error=repr(exc))
+                return None
+            await asyncio.sleep(STORE_RETRY_S * 2**attempt)
+    return None
 
 
 def telemetry_subscriptions(share_group: str | None) -> Sequence[str]:
@@ -155,6 +175,13 @@ async def run_worker(
             log("telemetry.worker_refused", client=client_id, reason=str(reason))
             return
         client.subscribe([(f, 1) for f in telemetry_subscriptions(settings.share_group)])
+
+    def on_subscribe(
+        _client: mqtt.Client, _data: object, _mid: int, reasons: Any, _props: object
+    ) -> None:
+        if any(reason.is_failure for reason in reasons):
+            log("telemetry.worker_refused", client=client_id, reason=str(reasons))
+            return
         log("telemetry.worker_connected", client=client_id, group=settings.share_group or "-")
 
     def on_disconnect(
@@ -164,6 +191,7 @@ async def run_worker(
             log("telemetry.worker_disconnected", client=client_id, reason=str(reason))
 
     client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
     client.on_disconnect = on_disconnect
     client.on_message = lambda _c, _d, message: inbox.put((message.topic, bytes(message.payload)))
     client.connect_async(
@@ -176,12 +204,12 @@ async def run_worker(
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(inbox.ready.wait(), 0.5)
                 continue
+            if len(inbox.items) < BATCH_MAX and not stop.is_set():
+                await asyncio.sleep(LINGER_S)  # let a batch fill: each costs a transaction
             batch = inbox.take(BATCH_MAX)
-            try:
-                result = await ingest.handle_batch(batch)
+            result = await store_batch(ingest, batch)
+            if result is not None:
                 counts.add(result)
-            except Exception as exc:
-                log("telemetry.batch_failed", reports=len(batch), error=repr(exc))
             if stop.is_set() and not inbox.items:
                 break
     finally:
