@@ -63,6 +63,7 @@ from ota.telemetry import Report, StreamValue
 
 TARGET_RATIO = 0.5
 POLL_S = 0.1
+PUBLISH_CHUNK = 1000
 RAW_SECONDS = 2.0
 FLEETCTL = str(Path(sys.executable).with_name("fleetctl"))
 
@@ -187,7 +188,9 @@ async def _publish(url: str, reports: list[tuple[str, bytes]]) -> None:
         max_queued_outgoing_messages=len(reports) + 10,
     ) as client:  # fmt: skip
         client.pending_calls_threshold = len(reports) + 10
-        await asyncio.gather(*(client.publish(name, data, qos=1) for name, data in reports))
+        for start in range(0, len(reports), PUBLISH_CHUNK):
+            chunk = reports[start : start + PUBLISH_CHUNK]
+            await asyncio.gather(*(client.publish(name, data, qos=1) for name, data in chunk))
 
 
 # -- the database ----------------------------------------------------------------------------------
