@@ -10,9 +10,10 @@ Rules:
   stored.
 - A report is stored once per (device, seq), which the table enforces: a copy (QoS 1
   redelivery, a device re-sending after a lost acknowledgement, a replay by whoever recorded it)
-  is counted as a duplicate and changes nothing. Reports need not arrive in order: several
-  workers may take one device's reports at once. A seq at or below the device's
-  `telemetry_floor` (reports retention deleted) is refused as `replayed`.
+  is counted as a duplicate and changes nothing, also when both copies are in one batch.
+  Reports need not arrive in order: several workers may take one device's reports at once. A
+  seq at or below the device's `telemetry_floor` (reports retention deleted) is refused as
+  `replayed`.
 - A batch is stored in one transaction: one multi-row `INSERT ... ON CONFLICT DO NOTHING
   RETURNING` for the reports, one statement for all their streams' values.
 - Device keys are looked up through `device_key` and kept `KEY_CACHE_S` (a device removed or
@@ -108,9 +109,13 @@ class TelemetryIngest:
             else:
                 checked.append(item)
         floors = await _floors({c.device_id for c in checked})
-        fresh = []
+        fresh: list[Checked] = []
+        in_batch: set[tuple[str, int]] = set()
         for item in checked:
             floor = floors.get(item.device_id, 0)
+            if (item.device_id, item.seq) in in_batch:
+                continue  # a copy within this batch: a duplicate, counted below
+            in_batch.add((item.device_id, item.seq))
             if item.seq <= floor:
                 refused += 1
                 reason = f"seq {item.seq} is at or below {floor}, whose reports were deleted"
@@ -118,7 +123,7 @@ class TelemetryIngest:
             else:
                 fresh.append(item)
         stored = await self._store(fresh) if fresh else 0
-        duplicates = len(fresh) - stored
+        duplicates = (len(checked) - len(in_batch)) + (len(fresh) - stored)
         self.metrics.duplicates.inc(duplicates)
         return BatchResult(stored, duplicates, refused)
 

@@ -2,6 +2,7 @@
 signed reports through `TelemetryIngest`, then the queries, retention and the gauges.
 
 - Aggregates filter by rune version and by labels, and never mix other streams in.
+- A report and its copy in one batch are stored once, values included.
 - Retention deletes what is older than its window with its values, raises each device's floor,
   and a copy of a deleted report that arrives later is refused as a replay, not stored again.
 - The gauges on /metrics carry the last hour's fleet aggregate per stream and key.
@@ -128,3 +129,27 @@ async def test_retention_deletes_old_reports_and_refuses_their_replay(
     assert registry.get_sample_value("fleet_telemetry_stream_error", key) > 0
     reports = {"stream": "sine/sine_mean"}
     assert registry.get_sample_value("fleet_telemetry_stream_reports", reports) == 3
+
+
+async def test_a_report_and_its_copy_in_one_batch_are_stored_once(
+    database: str, tmp_path: Path
+) -> None:
+    identity = DeviceIdentity.load_or_create(tmp_path / "d")
+    await Device.create(
+        id=identity.device_id, public_key=raw_public_bytes(identity.public_key).hex(), labels={}
+    )
+    now = datetime.now(UTC)
+    service = TelemetryService(
+        TelemetryOptions(ingest=False),
+        DeviceKeys(),
+        TelemetryMetrics(CollectorRegistry()),
+        lambda: now,
+    )
+    report = (
+        topic(identity.device_id, Channel.TELEMETRY),
+        _signed(identity, 7, now.timestamp(), "default/sine@0.1.0", 0.5),
+    )
+    result = await service.ingest.handle_batch([report, report, report])
+    assert (result.stored, result.duplicates, result.refused) == (1, 2, 0)
+    assert await TelemetryReport.all().count() == 1
+    assert await TelemetryValue.all().count() == 1

@@ -17,6 +17,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import pytest
@@ -110,12 +111,18 @@ def test_two_workers_share_the_reports_and_store_each_once(
 
             asyncio.run(publish())
 
+            seen: list[Any] = []
+
             def stored() -> int:
                 status, body = ctl.api("GET", "/api/v1/telemetry/streams", params={"since": "1h"})
                 assert status == 200, body
+                seen[:] = [body]
                 return sum(s["reports"] for s in body["streams"])
 
-            wait_for(lambda: stored() == DEVICES * REPORTS, timeout=60, message="all stored")
+            try:
+                wait_for(lambda: stored() == DEVICES * REPORTS, timeout=60, message="all stored")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; the API says {seen}") from None
             time.sleep(1.0)  # the second copies are handled by now, and must not count
             assert stored() == DEVICES * REPORTS
         finally:

@@ -50,7 +50,7 @@ def _draws(spec: StreamSpec, value: list[float], n: int) -> list[list[float]]:
 
 def test_laplace_noise_has_the_scale_epsilon_promises() -> None:
     # A clamped mean over [-1, 1]: sensitivity 2, epsilon 0.5 -> b = 4, variance 2 b^2 = 32.
-    n = 20_000
+    n = 10_000
     samples = [d[0] - 0.25 for d in _draws(MEAN, [0.25], n)]
     b = 2.0 / 0.5
     variance = statistics.pvariance(samples)
@@ -61,7 +61,7 @@ def test_laplace_noise_has_the_scale_epsilon_promises() -> None:
 
 
 def test_shares_get_noise_for_an_l1_sensitivity_of_two() -> None:
-    n = 5_000
+    n = 3_000
     draws = _draws(HISTOGRAM, [0.5, 0.25, 0.25], n)
     for key, true in enumerate([0.5, 0.25, 0.25]):
         variance = statistics.pvariance([d[key] - true for d in draws])
@@ -81,7 +81,7 @@ def test_gaussian_noise_is_calibrated_to_epsilon_and_delta() -> None:
     epsilon, delta = measurement.map(1.0)
     assert epsilon <= 1.0 + 1e-9 and delta == 1e-5
     # ... and the draws have that sigma.
-    n = 10_000
+    n = 5_000
     samples = [d[0] - 0.5 for d in _draws(GAUSSIAN, [0.5], n)]
     assert abs(statistics.pvariance(samples) / sigma**2 - 1) < 5 * math.sqrt(2 / n)
 
