@@ -97,11 +97,6 @@ class Reporter:
         self.windows.use(f"{info.org}/{info.ref}", known[1])
         self.windows.observe(records)
 
-    def declared(self) -> list[str]:
-        """The stream ids the active rune declares (what `consent list` offers)."""
-        name, sources = self._current
-        return [f"{name}/{s.spec.name}" for s in sources]
-
     # -- reports -------------------------------------------------------------------------------
 
     def close_window(self) -> int:

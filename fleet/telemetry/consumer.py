@@ -2,9 +2,9 @@
 processes.
 
 Rules:
-- `TelemetryQueue` takes reports one at a time (from the controller's broker link, or from a
-  worker's own session) and hands them to `TelemetryIngest.handle_batch` in batches of up to
-  `BATCH_MAX`, from `workers` tasks; its queue is bounded (`QUEUE_SIZE`), so a slow database
+- `TelemetryQueue` takes reports one at a time from the controller's broker link (`fleetctl
+  serve` ingesting in-process) and hands them to `TelemetryIngest.handle_batch` in batches of up
+  to `BATCH_MAX`, from `workers` tasks; its queue is bounded (`QUEUE_SIZE`), so a slow database
   slows the reading from the broker instead of filling memory. A batch that fails (the database
   locked by another writer, or away for a moment) is tried again `STORE_ATTEMPTS` times, waiting
   `STORE_RETRY_S` doubling; after that it is logged and dropped (the broker has had the reports
