@@ -154,12 +154,12 @@ def grant(
             raise ConsentError(f"--budget must be a positive epsilon, not {budget:g}")
     except ConsentError as exc:
         _fail(str(exc), EXIT_USAGE)
+    try:
+        ConsentStore(state_dir).grant_all(streams, time.time(), budget)
+    except ConsentError as exc:
+        _fail(str(exc), EXIT_STATE)
     declared = declared_streams(state_dir)
     for stream in streams:
-        try:
-            ConsentStore(state_dir).grant(stream, time.time(), budget)
-        except ConsentError as exc:
-            _fail(str(exc), EXIT_STATE)
         spec = declared.get(stream)
         if spec is None:
             out.print(
@@ -188,9 +188,10 @@ def revoke(
             check_stream_id(stream)
     except ConsentError as exc:
         _fail(str(exc), EXIT_USAGE)
+    try:
+        revoked = ConsentStore(state_dir).revoke_all(streams)
+    except ConsentError as exc:
+        _fail(str(exc), EXIT_STATE)
     for stream in streams:
-        try:
-            was = ConsentStore(state_dir).revoke(stream)
-        except ConsentError as exc:
-            _fail(str(exc), EXIT_STATE)
+        was = stream in revoked
         out.print(f"revoked {stream}" if was else f"{stream} was not granted; nothing changed")

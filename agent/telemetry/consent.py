@@ -9,7 +9,8 @@ Rules:
 - Only `fleet-agent consent` writes the file (`state_dir/telemetry/consent.json`, mode 0600,
   replaced atomically). No command from the controller reads or writes it: the `config` command
   takes run settings only (`agent.runconfig`). The reporter reads it again before every report,
-  so a revoke stops the next report.
+  so a revoke stops the next report. Granting or revoking several streams is one write: all of
+  them change, or none.
 - A file that is not this format is an error naming it; it never counts as consent.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,22 +83,33 @@ class ConsentStore:
             ) from None
 
     def grant(self, stream: str, now: float, budget: float | None = None) -> Grant:
-        check_stream_id(stream)
+        return self.grant_all([stream], now, budget)[0]
+
+    def grant_all(self, streams: Sequence[str], now: float, budget: float | None) -> list[Grant]:
+        """Grant every stream in one write: all of them, or (on an error) none."""
+        for stream in streams:
+            check_stream_id(stream)
         if budget is not None and not (math.isfinite(budget) and budget > 0):
             raise ConsentError(f"a budget is a positive number, not {budget}")
         grants = self.grants()
-        grants[stream] = Grant(stream, now, budget)
+        made = [Grant(stream, now, budget) for stream in streams]
+        grants.update({grant.stream: grant for grant in made})
         self._save(grants)
-        return grants[stream]
+        return made
 
     def revoke(self, stream: str) -> bool:
         """Whether `stream` was granted (it is not any more)."""
-        check_stream_id(stream)
+        return bool(self.revoke_all([stream]))
+
+    def revoke_all(self, streams: Sequence[str]) -> list[str]:
+        """Revoke every stream in one write; the ones that were granted."""
+        for stream in streams:
+            check_stream_id(stream)
         grants = self.grants()
-        if grants.pop(stream, None) is None:
-            return False
-        self._save(grants)
-        return True
+        revoked = [stream for stream in streams if grants.pop(stream, None) is not None]
+        if revoked:
+            self._save(grants)
+        return revoked
 
     def _save(self, grants: dict[str, Grant]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -41,7 +41,7 @@ from agent.telemetry.consent import ConsentError, ConsentStore, Grant
 from agent.telemetry.noise import release
 from agent.telemetry.windows import StreamSource, WindowAggregator, stream_sources
 from attestation.identity import DeviceIdentity
-from ota.protocol import CONTROLLER, Channel, Message, MessageType, seal_message, topic
+from ota.protocol import CONTROLLER, Channel, Message, MessageType, Refusal, seal_message, topic
 from ota.rune.bundle import BundleError, is_bundle, read_bundle
 from ota.telemetry import TELEMETRY_TTL_S, Report, StreamValue, check_report
 
@@ -201,7 +201,7 @@ class Reporter:
                 break
             try:
                 await asyncio.to_thread(self.close_window)
-            except (BudgetError, OSError, ValueError) as exc:
+            except (BudgetError, OSError, ValueError, Refusal) as exc:
                 log.error("the telemetry report for this window was not made: %s", exc)
 
     async def deliver(self, publish: Callable[[str, bytes], Awaitable[None]]) -> None:

@@ -24,8 +24,8 @@ Rules:
   broker as they are received (QoS 1), so a worker killed mid-batch loses what it held unstored;
   a stopped worker stores everything it received first.
 - paho reconnects the session forever, waiting 1 s doubling to `BACKOFF_CAP_S`.
-- A worker looks device keys up in the database and keeps them `KEY_CACHE_S`, so a device
-  removed or rejected is refused by every worker within that time.
+- A worker looks device keys up in the database (`enrolled_key`); `TelemetryIngest` keeps them
+  for its `KEY_CACHE_S`, so a device removed or rejected is refused within that time.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import contextlib
 import signal
 import ssl
 import threading
-import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,7 +62,6 @@ STORE_ATTEMPTS = 5
 STORE_RETRY_S = 0.5
 QUEUE_SIZE = 4096
 BACKOFF_CAP_S = 30.0
-KEY_CACHE_S = 60.0
 
 
 class TelemetryQueue:
@@ -239,22 +237,12 @@ def _tls_context(settings: BrokerSettings) -> ssl.SSLContext:
     return context
 
 
-class DeviceKeys:
-    """Enrolled devices' keys from the database, each kept for `KEY_CACHE_S`."""
-
-    def __init__(self) -> None:
-        self._keys: dict[str, tuple[float, Key | None]] = {}
-
-    async def __call__(self, device_id: str) -> Key | None:
-        cached = self._keys.get(device_id)
-        if cached is not None and time.monotonic() - cached[0] < KEY_CACHE_S:
-            return cached[1]
-        device = await Device.get_or_none(id=device_id)
-        key = None
-        if device is not None and device.state == "enrolled":
-            key = key_from_raw(bytes.fromhex(device.public_key))
-        self._keys[device_id] = (time.monotonic(), key)
-        return key
+async def enrolled_key(device_id: str) -> Key | None:
+    """The key of an enrolled device, from the database; None for any other id."""
+    device = await Device.get_or_none(id=device_id)
+    if device is None or device.state != "enrolled":
+        return None
+    return key_from_raw(bytes.fromhex(device.public_key))
 
 
 async def run_worker_process(settings: BrokerSettings, db_url: str, client_id: str) -> None:
@@ -264,7 +252,7 @@ async def run_worker_process(settings: BrokerSettings, db_url: str, client_id: s
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await open_database(db_url)
-    ingest = TelemetryIngest(DeviceKeys(), TelemetryMetrics(CollectorRegistry()), utcnow)
+    ingest = TelemetryIngest(enrolled_key, TelemetryMetrics(CollectorRegistry()), utcnow)
     counts = WorkerCounts()
     try:
         counts = await run_worker(settings, ingest, client_id, stop)

@@ -150,10 +150,9 @@ class TelemetryIngest:
                 # Signed by a device other than the topic's, whose key is not cached yet: learn
                 # it, so the message is refused for what it is (`spoofed`), not as unknown.
                 claimed = claimed_issuer(data) if refusal.kind == "unknown-sender" else None
-                if attempt == 1 and claimed not in (None, device_id):
-                    assert claimed is not None
-                    if await self._remember(claimed):
-                        continue
+                other = claimed if claimed != device_id else None
+                if attempt == 1 and other is not None and await self._remember(other):
+                    continue
                 self._refuse(refusal, device_id)
                 return None
         return None

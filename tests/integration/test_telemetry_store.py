@@ -22,7 +22,7 @@ from attestation.identity import DeviceIdentity
 from attestation.keys import raw_public_bytes
 from fleet.db import close_database, open_database
 from fleet.db.models import Device, TelemetryReport, TelemetryValue
-from fleet.telemetry.consumer import DeviceKeys
+from fleet.telemetry.consumer import enrolled_key
 from fleet.telemetry.metrics import TelemetryMetrics
 from fleet.telemetry.service import TelemetryOptions, TelemetryService
 from fleet.telemetry.store import stream_aggregate
@@ -87,7 +87,7 @@ async def test_retention_deletes_old_reports_and_refuses_their_replay(
     registry = CollectorRegistry()
     metrics = TelemetryMetrics(registry)
     service = TelemetryService(
-        TelemetryOptions(ingest=False, retention_s=2 * day), DeviceKeys(), metrics, lambda: now
+        TelemetryOptions(ingest=False, retention_s=2 * day), enrolled_key, metrics, lambda: now
     )
     old = now.timestamp() - 3 * day
     recent = now.timestamp() - 600
@@ -141,7 +141,7 @@ async def test_a_report_and_its_copy_in_one_batch_are_stored_once(
     now = datetime.now(UTC)
     service = TelemetryService(
         TelemetryOptions(ingest=False),
-        DeviceKeys(),
+        enrolled_key,
         TelemetryMetrics(CollectorRegistry()),
         lambda: now,
     )
