@@ -16,7 +16,14 @@ What is measured, for `--workers` 1 and 2 (default both), each on a fresh databa
   counts `telemetry_report` rows every `POLL_S`): each report received from the broker, its
   envelope verified with the device's key (one Ed25519 verify), its body checked, de-duplicated
   and stored with its two stream values, in batches, in one transaction per batch.
-- The workers' CPU (user + system, from /proc) over that time, per report.
+- The workers' CPU (user + system, from /proc) over that time, per report, and the broker's.
+
+The floor, for two processes, the same way: what any ingest on this stack costs before it does
+anything of its own. Two processes each with paho's network loop on the same shared subscription
+(persistent sessions, QoS 1, as the workers), each message's envelope parsed and its signature
+verified with the topic's device key (kept), then dropped: no payload parsing, no checks, no
+database. The ingest cannot beat this line; if it is under the target, so is any ingest built on
+this broker, client and verify.
 
 Baseline, in the same run (before and after the ingest runs, the two averaged): the raw Ed25519
 verify (`cryptography`, the key already loaded) of a report's signed bytes, in one process, and
@@ -50,14 +57,27 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiomqtt
+import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
 from rich.table import Table
 
+from attestation.envelope import parse
 from attestation.identity import DeviceIdentity
-from attestation.keys import raw_public_bytes
+from attestation.keys import key_from_raw, raw_public_bytes
 from bench.bench_fleet import BenchError, private_broker, usage
-from ota.protocol import CONTROLLER, Channel, Message, MessageType, seal_message, topic
+from ota.protocol import (
+    CONTROLLER,
+    MAX_MESSAGE_BYTES,
+    PAYLOAD_TYPE,
+    Channel,
+    Message,
+    MessageType,
+    device_subscriptions,
+    parse_topic,
+    seal_message,
+    topic,
+)
 from ota.rune.streams import Mechanism, StreamKind
 from ota.telemetry import Report, StreamValue
 
@@ -77,6 +97,8 @@ class IngestRun:
     workers_cpu_s: float
     cpu_per_report_us: float
     stored: int
+    broker_cpu_per_report_us: float
+    floor: bool = False
 
 
 @dataclass
@@ -101,7 +123,9 @@ class Result:
         document["raw_one_core_rate"] = self.raw_one_core_rate
         document["raw_two_core_rate"] = self.raw_two_core_rate
         document["ratios"] = {
-            str(run.workers): run.per_second / self.raw_two_core_rate for run in self.runs
+            ("floor-" if run.floor else "") + str(run.workers): run.per_second
+            / self.raw_two_core_rate
+            for run in self.runs
         }
         return document
 
@@ -320,7 +344,7 @@ def ingest_run(
     (folder / "fleet.yaml").write_text("name: bench\n")
     register(db_url, identities)
     log = folder / "ingest.log"
-    with private_broker(folder) as (broker, _process):
+    with private_broker(folder) as (broker, broker_process):
         first = _start_ingest(workers, broker, db_url, log)
         _wait_connected(log, workers, first, 0)
         _stop(first)
@@ -331,6 +355,7 @@ def ingest_run(
             started = _wait_connected(log, workers, ingest, before)
             pids = _children(ingest.pid)
             cpu_before = sum(u.cpu_s for u in map(usage, pids) if u is not None)
+            broker_before = _cpu(broker_process.pid)
             deadline = time.monotonic() + 600
             count = 0
             while count < len(reports):
@@ -340,12 +365,119 @@ def ingest_run(
                 count = stored(db_url)
             finished = time.time()
             cpu = sum(u.cpu_s for u in map(usage, pids) if u is not None) - cpu_before
+            broker_cpu = _cpu(broker_process.pid) - broker_before
         finally:
             _stop(ingest)
     seconds = finished - started
     return IngestRun(
         workers, len(reports), seconds, len(reports) / seconds, cpu,
-        cpu / len(reports) * 1e6, count,
+        cpu / len(reports) * 1e6, count, broker_cpu / len(reports) * 1e6,
+    )  # fmt: skip
+
+
+def _cpu(pid: int) -> float:
+    used = usage(pid)
+    return 0.0 if used is None else used.cpu_s
+
+
+# -- the floor: receive and verify, nothing else ---------------------------------------------------
+
+
+def _floor_process(
+    broker: str, index: int, keys: dict[str, str], received: Any, connected: Any, stop: Any,
+) -> None:  # fmt: skip
+    """One floor process (see the module docstring): until `stop` is set; it counts what it
+    verified in `received[index]` (its own slot: no lock)."""
+    cached = {device: key_from_raw(bytes.fromhex(public)) for device, public in keys.items()}
+    parts = urlsplit(broker)
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-floor-{index}", clean_session=False
+    )
+
+    def on_connect(client: mqtt.Client, *_args: object) -> None:
+        client.subscribe(
+            [(f, 1) for f in device_subscriptions("bench-floor", channels=[Channel.TELEMETRY])]
+        )
+
+    def on_subscribe(*_args: object) -> None:
+        connected.set()
+
+    def on_message(_client: mqtt.Client, _data: object, message: mqtt.MQTTMessage) -> None:
+        parsed = parse_topic(message.topic)
+        if parsed is None:
+            return
+        parse(bytes(message.payload), PAYLOAD_TYPE, MAX_MESSAGE_BYTES).open(cached[parsed[0]])
+        received[index] += 1
+
+    client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
+    client.on_message = on_message
+    client.connect(parts.hostname or "", parts.port or 1883, 30)
+    client.loop_start()
+    stop.wait()
+    client.disconnect()
+    client.loop_stop()
+
+
+def floor_run(
+    processes: int, reports: list[tuple[str, bytes]], identities: list[DeviceIdentity],
+    scratch: Path,
+) -> IngestRun:  # fmt: skip
+    folder = scratch / f"floor-{processes}"
+    folder.mkdir()
+    keys = {i.device_id: raw_public_bytes(i.public_key).hex() for i in identities}
+    spawn = multiprocessing.get_context("spawn")
+
+    def start(received: Any) -> tuple[list[Any], Any, list[Any]]:
+        stop = spawn.Event()
+        connected = [spawn.Event() for _ in range(processes)]
+        started = [
+            spawn.Process(
+                target=_floor_process,
+                args=(broker, n, keys, received, connected[n], stop),
+                daemon=True,
+            )
+            for n in range(processes)
+        ]
+        for process in started:
+            process.start()
+        for event in connected:
+            if not event.wait(60):
+                raise BenchError("a floor process did not connect")
+        return started, stop, connected
+
+    def finish(started: list[Any], stop: Any) -> None:
+        stop.set()
+        for process in started:
+            process.join(30)
+
+    with private_broker(folder) as (broker, broker_process):
+        received = spawn.RawArray("q", processes)
+        first, stop, _ = start(received)
+        finish(first, stop)
+        asyncio.run(_publish(broker, reports))
+        received[:] = [0] * processes
+        running, stop, _ = start(received)
+        try:
+            started = time.time()
+            pids = [p.pid for p in running if p.pid is not None]
+            cpu_before = sum(_cpu(pid) for pid in pids)
+            broker_before = _cpu(broker_process.pid)
+            deadline = time.monotonic() + 600
+            while sum(received) < len(reports):
+                if time.monotonic() > deadline:
+                    raise BenchError(f"the floor received {sum(received)} of {len(reports)}")
+                time.sleep(POLL_S / 10)
+            finished = time.time()
+            cpu = sum(_cpu(pid) for pid in pids) - cpu_before
+            broker_cpu = _cpu(broker_process.pid) - broker_before
+        finally:
+            finish(running, stop)
+    seconds = finished - started
+    count = len(reports)
+    return IngestRun(
+        processes, count, seconds, count / seconds, cpu, cpu / count * 1e6, 0,
+        broker_cpu / count * 1e6, floor=True,
     )  # fmt: skip
 
 
@@ -358,26 +490,30 @@ def report(result: Result, console: Console) -> None:
     table.add_column("per second", justify="right")
     table.add_column("x raw two-core verify", justify="right")
     table.add_column("CPU per report", justify="right")
+    table.add_column("broker CPU per report", justify="right")
     raw2 = result.raw_two_core_rate
     table.add_row(
         "raw Ed25519 verify, 1 process",
         f"{result.raw_one_core_rate:,.0f}",
         f"{result.raw_one_core_rate / raw2:.2f}",
         "",
+        "",
     )
-    table.add_row("raw Ed25519 verify, 2 processes", f"{raw2:,.0f}", "1.00", "")
+    table.add_row("raw Ed25519 verify, 2 processes", f"{raw2:,.0f}", "1.00", "", "")
     for run in result.runs:
         ratio = run.per_second / raw2
         mark = (
             ""
-            if run.workers != 2
+            if run.workers != 2 or run.floor
             else (" (target 0.50: met)" if ratio >= TARGET_RATIO else " (target 0.50: NOT met)")
         )
+        what = "floor (receive + verify only)" if run.floor else "ingest"
         table.add_row(
-            f"ingest, {run.workers} worker(s), {run.reports:,} reports in {run.seconds:.2f} s",
+            f"{what}, {run.workers} process(es), {run.reports:,} reports in {run.seconds:.2f} s",
             f"{run.per_second:,.0f}",
             f"{ratio:.2f}{mark}",
             f"{run.cpu_per_report_us:.0f} us",
+            f"{run.broker_cpu_per_report_us:.0f} us",
         )
     console.print(table)
     console.print(f"database {result.database}, {result.devices} devices")
@@ -388,6 +524,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reports", type=int, default=20_000)
     parser.add_argument("--devices", type=int, default=200)
     parser.add_argument("--workers", default="1,2")
+    parser.add_argument(
+        "--floor", action=argparse.BooleanOptionalAction, default=True,
+        help="also measure the floor: two processes that only receive and verify",
+    )  # fmt: skip
     parser.add_argument("--db-url", default=None, help="a PostgreSQL server URL (default SQLite)")
     parser.add_argument("-o", "--output", choices=("text", "json"), default="text")
     args = parser.parse_args(argv)
@@ -407,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
                     fresh_database(args.db_url, scratch, f"w{workers}") as db_url,
                 ):
                     result.runs.append(ingest_run(workers, reports, identities, db_url, scratch))
+            if args.floor:
+                with console.status("the floor: receiving and verifying in two processes"):
+                    result.runs.append(floor_run(2, reports, identities, scratch))
             one, two = raw_rates(RAW_SECONDS)
             result.raw_one_core.append(one)
             result.raw_two_cores.append(two)
