@@ -103,7 +103,7 @@ class FleetCA:
         key = _load_key_file(key_path)
         if not cert_path.exists():
             certificate = _self_signed(key, fleet_name, datetime.now(UTC))
-            _write_new(cert_path, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
+            write_new(cert_path, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
         try:
             certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
         except OSError as exc:
@@ -294,10 +294,10 @@ def _create_key_file(path: Path) -> None:
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    _write_new(path, pem, 0o600)
+    write_new(path, pem, 0o600)
 
 
-def _write_new(path: Path, data: bytes, mode: int) -> None:
+def write_new(path: Path, data: bytes, mode: int) -> None:
     """Write `path` whole (temp file, fsync, link into place); FileExistsError if it exists."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")

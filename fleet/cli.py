@@ -980,6 +980,11 @@ from fleet.policy_cli import policy_app  # noqa: E402
 
 app.add_typer(policy_app, name="policy")
 
+# The audit log (fleet/audit_cli.py).
+from fleet.audit_cli import audit as audit_command  # noqa: E402
+
+app.command("audit")(audit_command)
+
 
 def main() -> None:
     app()

@@ -35,6 +35,7 @@ from fleet.tuf_store import FleetRepository, utcnow
 from ota.repository import ONLINE_ROLES, TOP_LEVEL_ROLES
 
 if TYPE_CHECKING:
+    from fleet.audit_log import AuditLog
     from fleet.scheduler import Scheduler
     from fleet.telemetry.service import TelemetryService
 
@@ -56,6 +57,8 @@ class Controller:
     scheduler: Scheduler | None = None
     # Telemetry's ingest, retention and gauges (set by `serve`).
     telemetry: TelemetryService | None = None
+    # The audit log (set by `serve`; None: nothing is recorded).
+    audit: AuditLog | None = None
     _device_keys: dict[str, SSlibKey] = field(default_factory=dict)
     _renewal: asyncio.Task[None] | None = None
 

@@ -5,7 +5,8 @@ Layout (made by `fleetctl init`):
     fleet.yaml          the config: listen address, database URL, metadata lifetimes
     root.json           the first TUF root: provision devices with it
     keys/               online keys (timestamp, snapshot, targets, command), mode 0600, and
-                        the fleet CA (ca.pem, 0600, and its certificate ca.crt)
+                        the fleet CA (ca.pem, 0600, and its certificate ca.crt); audit.key
+                        (made by the first `serve`) keys the audit log's chain
     offline/            the root keys: move them off this machine after `init`
     blobs/sha256/       rune files, content-addressed
     fleet.sqlite3       the database, unless `db_url` points elsewhere

@@ -1,6 +1,8 @@
 """Structured logs: one JSON object per line on stderr, with an `event` name and its fields.
 
-Rule: log records carry identifiers and reasons, never tokens, keys or request bodies.
+Rules: log records carry identifiers and reasons, never tokens, keys or request bodies. Every
+`security.*` event also goes to the registered security sinks (the audit log), whatever the log
+level.
 """
 
 from __future__ import annotations
@@ -8,10 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 LOGGER = logging.getLogger("fleet")
+SECURITY_PREFIX = "security."
+SecuritySink = Callable[[str, dict[str, Any]], None]
+_security_sinks: list[SecuritySink] = []
 
 
 class JsonFormatter(logging.Formatter):
@@ -42,3 +48,15 @@ def configure(level: str = "info") -> None:
 
 def log(event: str, level: int = logging.INFO, **fields: Any) -> None:
     LOGGER.log(level, event, extra={"fields": fields})
+    if event.startswith(SECURITY_PREFIX):
+        for sink in _security_sinks:
+            sink(event, fields)
+
+
+def add_security_sink(sink: SecuritySink) -> None:
+    _security_sinks.append(sink)
+
+
+def remove_security_sink(sink: SecuritySink) -> None:
+    if sink in _security_sinks:
+        _security_sinks.remove(sink)

@@ -5,7 +5,8 @@ Rules:
   have been down past a timestamp's expiry), the broker (the embedded one unless a broker URL is
   given), this controller's agent release as an attestation reference, the link to the broker,
   then the HTTP listener, the rollout scheduler (`fleet.scheduler`), the attestation schedule and
-  telemetry's retention and gauges (`fleet.telemetry.service`);
+  telemetry's retention and gauges (`fleet.telemetry.service`); the audit log (`fleet.audit_log`)
+  records from the moment the repository is open until the database closes;
   the first line on stdout is `listening on http://HOST:PORT` once requests are accepted (port 0
   picks a free port), the second `broker mqtt://HOST:PORT` (the URL devices are given).
 - Shutdown: stop accepting, let in-flight requests finish (up to `SHUTDOWN_GRACE_S`), stop the
@@ -34,6 +35,7 @@ from aiohttp import web
 
 from fleet.api.app import make_app
 from fleet.attestation import AttestationSchedule, register_own_release
+from fleet.audit_log import audit_log, load_audit_key
 from fleet.broker import EmbeddedBroker
 from fleet.channel import BrokerLink, BrokerSettings, ChannelMetrics
 from fleet.controller import Controller
@@ -95,7 +97,9 @@ async def running_controller(
     host, port = parse_listen(listen or config.listen)
     mqtt = mqtt or MqttOptions()
     url = fleet_dir.db_url(db_url)
+    audit_key = load_audit_key(fleet_dir)
     await open_database(url)
+    audits = contextlib.AsyncExitStack()
     runner: web.AppRunner | None = None
     ctl: Controller | None = None
     broker: EmbeddedBroker | None = None
@@ -106,6 +110,7 @@ async def running_controller(
     try:
         repository = await FleetRepository.open(fleet_dir, config.lifetimes())
         ctl = Controller(fleet_dir, config, repository, version=dist_version("fleet-tinyml"))
+        ctl.audit = await audits.enter_async_context(audit_log(audit_key))
         await ctl.renew_once(utcnow())
         ctl.start()
         broker_url = mqtt.url or config.mqtt_url
@@ -183,6 +188,7 @@ async def running_controller(
             await broker.stop()
         if ctl is not None:
             await ctl.stop()
+        await audits.aclose()
         await close_database()
         log("controller.stopped")
 

@@ -193,6 +193,7 @@ def telemetry_ingest(
     """Take devices' telemetry reports in: verify, de-duplicate and store them, in WORKERS
     processes sharing one MQTT subscription (run the controller with --no-telemetry-ingest)."""
     _need_controller_extra()
+    from fleet.audit_log import AuditKeyError, load_audit_key
     from fleet.channel import BrokerSettings
     from fleet.fleetdir import FleetDir, FleetDirError
 
@@ -200,7 +201,8 @@ def telemetry_ingest(
         fleet_dir = FleetDir.from_option(directory)
         config = fleet_dir.load_config()
         url = fleet_dir.db_url(db_url)
-    except FleetDirError as exc:
+        audit_key = load_audit_key(fleet_dir)
+    except (FleetDirError, AuditKeyError) as exc:
         _fail(str(exc), EXIT_INVALID)
     broker = mqtt_url or config.mqtt_url
     if not broker:
@@ -209,7 +211,9 @@ def telemetry_ingest(
     context = multiprocessing.get_context("spawn")
     processes = [
         context.Process(
-            target=_worker_main, args=(settings, url, f"{client_id}-{n}"), name=f"ingest-{n}"
+            target=_worker_main,
+            args=(settings, url, f"{client_id}-{n}", audit_key),
+            name=f"ingest-{n}",
         )
         for n in range(workers)
     ]
@@ -236,9 +240,9 @@ def telemetry_ingest(
         _fail(f"worker(s) {', '.join(failed)} stopped; see their log lines above", EXIT_INVALID)
 
 
-def _worker_main(settings: Any, db_url: str, client_id: str) -> None:
+def _worker_main(settings: Any, db_url: str, client_id: str, audit_key: bytes) -> None:
     from fleet import logs
     from fleet.telemetry.consumer import run_worker_process
 
     logs.configure("info")
-    asyncio.run(run_worker_process(settings, db_url, client_id))
+    asyncio.run(run_worker_process(settings, db_url, client_id, audit_key))

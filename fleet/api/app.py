@@ -23,6 +23,7 @@ from tortoise import connections
 
 import fleet.api.access
 import fleet.api.attestation
+import fleet.api.audit
 import fleet.api.commands
 import fleet.api.enroll
 import fleet.api.keys
@@ -31,6 +32,7 @@ import fleet.api.rollouts
 import fleet.api.runes
 import fleet.api.telemetry  # noqa: F401  (registers routes)
 from fleet.api import tuf
+from fleet.api.audit import audit_middleware
 from fleet.api.context import CONTROLLER, controller
 from fleet.api.errors import ApiError, error_response, json_response
 from fleet.api.routes import API, Handler, openapi_document
@@ -102,6 +104,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if row is None or row.revoked_at is not None:
         refused.labels("unknown").inc()
         return error_response(401, "the API token is unknown or revoked")
+    request["token"] = row  # also who the audit log names when the role is refused
     if not role_allows(row.role, needed):
         refused.labels("role").inc()
         return error_response(
@@ -111,7 +114,6 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if row.last_used_at is None or now - row.last_used_at > TOKEN_TOUCH_INTERVAL:
         row.last_used_at = now
         await row.save(update_fields=["last_used_at"])
-    request["token"] = row
     return await handler(request)
 
 
@@ -142,7 +144,7 @@ async def not_found(request: web.Request) -> web.StreamResponse:
 
 def make_app(ctl: Controller) -> web.Application:
     app = web.Application(
-        middlewares=[errors_middleware, metrics_middleware, auth_middleware],
+        middlewares=[audit_middleware, errors_middleware, metrics_middleware, auth_middleware],
         client_max_size=ctl.config.max_rune_bytes + 64 * 1024,
     )
     app[CONTROLLER] = ctl

@@ -52,4 +52,5 @@ async def signing_device(request: web.Request) -> tuple[str, Key]:
             content_type="application/json",
         ) from None
     assert key is not None  # verify_request refuses a device without one
+    request["device"] = device_id  # the audit record's actor
     return device_id, key

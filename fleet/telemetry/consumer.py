@@ -26,6 +26,8 @@ Rules:
 - paho reconnects the session forever, waiting 1 s doubling to `BACKOFF_CAP_S`.
 - A worker looks device keys up in the database (`enrolled_key`); `TelemetryIngest` keeps them
   for its `KEY_CACHE_S`, so a device removed or rejected is refused within that time.
+- A worker process records the reports it refuses in the fleet's audit log (`fleet.audit_log`),
+  like the controller does.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from prometheus_client import CollectorRegistry
 from securesystemslib.signer import Key
 
 from attestation.keys import key_from_raw
+from fleet.audit_log import audit_log
 from fleet.channel import BrokerSettings
 from fleet.db import close_database, open_database
 from fleet.db.models import Device
@@ -245,7 +248,9 @@ async def enrolled_key(device_id: str) -> Key | None:
     return key_from_raw(bytes.fromhex(device.public_key))
 
 
-async def run_worker_process(settings: BrokerSettings, db_url: str, client_id: str) -> None:
+async def run_worker_process(
+    settings: BrokerSettings, db_url: str, client_id: str, audit_key: bytes
+) -> None:
     """One `fleetctl telemetry ingest` worker: until SIGTERM or SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -255,7 +260,8 @@ async def run_worker_process(settings: BrokerSettings, db_url: str, client_id: s
     ingest = TelemetryIngest(enrolled_key, TelemetryMetrics(CollectorRegistry()), utcnow)
     counts = WorkerCounts()
     try:
-        counts = await run_worker(settings, ingest, client_id, stop)
+        async with audit_log(audit_key):
+            counts = await run_worker(settings, ingest, client_id, stop)
     finally:
         await close_database()
         log(
