@@ -177,7 +177,10 @@ class AttestationService:
         await self._record(device_id, result, now)
         self.metrics.results.labels(result.status.label).inc()
         log(
-            "attestation.result",
+            "attestation.result"
+            if result.status is Status.AFFIRMING
+            else "security.attestation_failed",  # also a record in the audit log
+            logging.INFO if result.status is Status.AFFIRMING else logging.WARNING,
             device=device_id,
             status=result.status.label,
             reasons="; ".join(result.reasons)[:500],

@@ -286,6 +286,12 @@ def test_a_device_whose_agent_code_changed_is_quarantined_and_drops_out_of_a_rol
         assert ctl.metric("fleet_devices_quarantined_total") == 1
         shown = ctl.cli("devices", "show", tampered.device_id)
         assert "QUARANTINED" in shown.stdout
+        # The audit log has the failed attestation and the quarantine, naming the device.
+        audited = json.loads(ctl.cli("audit", "--action", "security.", "-o", "json").stdout)
+        events = {(r["action"], r["actor"]) for r in audited["records"]}
+        actor = f"device:{tampered.device_id}"
+        assert ("security.attestation_failed", actor) in events, events
+        assert ("security.device_quarantined", actor) in events, events
 
         # Quarantined: nothing but `attest` is sent, until an admin releases it.
         status, body = ctl.api(
