@@ -5,7 +5,8 @@ Rules:
   have been down past a timestamp's expiry), the broker (the embedded one unless a broker URL is
   given), this controller's agent release as an attestation reference, the link to the broker,
   then the HTTP listener, the rollout scheduler (`fleet.scheduler`), the attestation schedule and
-  telemetry's retention and gauges (`fleet.telemetry.service`); the audit log (`fleet.audit_log`)
+  telemetry's retention and gauges (`fleet.telemetry.service`), the fleet's gauges
+  (`fleet.overview`); the audit log (`fleet.audit_log`)
   records from the moment the repository is open until the database closes;
   the first line on stdout is `listening on http://HOST:PORT` once requests are accepted (port 0
   picks a free port), the second `broker mqtt://HOST:PORT` (the URL devices are given).
@@ -43,6 +44,7 @@ from fleet.db import close_database, open_database, redact
 from fleet.fleetdir import FleetDir
 from fleet.logs import log
 from fleet.outbox import CommandKey, Outbox
+from fleet.overview import FleetGauges
 from fleet.scheduler import Scheduler
 from fleet.telemetry.metrics import TelemetryMetrics
 from fleet.telemetry.service import TelemetryOptions, TelemetryService
@@ -107,6 +109,7 @@ async def running_controller(
     scheduler: Scheduler | None = None
     schedule: AttestationSchedule | None = None
     telemetry: TelemetryService | None = None
+    gauges: FleetGauges | None = None
     try:
         repository = await FleetRepository.open(fleet_dir, config.lifetimes())
         ctl = Controller(fleet_dir, config, repository, version=dist_version("fleet-tinyml"))
@@ -154,6 +157,8 @@ async def running_controller(
         scheduler.start()
         schedule.start()
         telemetry.start()
+        gauges = FleetGauges(ctl.metrics.registry, utcnow)
+        gauges.start()
         bound = runner.addresses[0]
         url_host = f"[{host}]" if ":" in host else host  # an IPv6 address needs brackets in a URL
         log(
@@ -176,6 +181,8 @@ async def running_controller(
     finally:
         if runner is not None:
             await runner.cleanup()
+        if gauges is not None:
+            await gauges.stop()
         if schedule is not None:
             await schedule.stop()
         if scheduler is not None:
