@@ -1,8 +1,9 @@
 """The controller's aiohttp application: middlewares, health, metrics, OpenAPI and the routes.
 
 Rules:
-- Every `/api/v1` route except the OpenAPI document needs `Authorization: Bearer TOKEN` for a
-  token that exists, is not revoked and has at least the route's role; a refusal is one JSON line
+- Every `/api/v1` route except the OpenAPI document needs `Authorization: Bearer TOKEN` (or the
+  dashboard's session cookie with its header, `fleet.dashboard.session`) for a token that exists,
+  is not revoked and has at least the route's role; a refusal is one JSON line
   with 401 (who are you?) or 403 (you may not).
 - Every error, expected or not, is `{"error": "..."}` with a meaningful status; an unexpected one
   is logged with its traceback and shown to the caller as a 500 without internals.
@@ -37,9 +38,10 @@ from fleet.api.context import CONTROLLER, controller
 from fleet.api.errors import ApiError, error_response, json_response
 from fleet.api.routes import API, Handler, openapi_document
 from fleet.controller import Controller
-from fleet.db.models import ApiToken
+from fleet.dashboard import views as dashboard
+from fleet.dashboard.session import api_bearer, token_row
 from fleet.logs import log
-from fleet.tokens import hash_token, role_allows
+from fleet.tokens import role_allows
 from fleet.tuf_store import utcnow
 
 OPENAPI_PATH = "/api/v1/openapi.json"
@@ -95,13 +97,12 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if needed is None:
         return await handler(request)
     refused = controller(request).metrics.api_auth_refused
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
+    token = api_bearer(request)
+    if token is None:
         refused.labels("missing").inc()
         return error_response(401, "missing API token: pass --token or set FLEET_TOKEN")
-    row = await ApiToken.get_or_none(token_hash=hash_token(token.strip()))
-    if row is None or row.revoked_at is not None:
+    row = await token_row(token)
+    if row is None:
         refused.labels("unknown").inc()
         return error_response(401, "the API token is unknown or revoked")
     request["token"] = row  # also who the audit log names when the role is refused
@@ -153,5 +154,6 @@ def make_app(ctl: Controller) -> web.Application:
     app.router.add_get(OPENAPI_PATH, openapi)
     API.install(app)
     tuf.install(app)
+    dashboard.install(app)
     app.router.add_route("*", "/api/v1/{tail:.*}", not_found)
     return app

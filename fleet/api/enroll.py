@@ -105,6 +105,7 @@ async def post_enroll(request: web.Request) -> web.StreamResponse:
     except EnrollmentRefused as exc:
         return _refused(request, exc)
     device = outcome.device
+    request["device"] = device.id  # it proved its key: the audit record's actor
     ctl.forget_device(device.id)
     if outcome.via_token is not None:
         log("device.enrolled", device=device.id, token=outcome.via_token)
@@ -151,6 +152,7 @@ async def post_renew(request: web.Request) -> web.StreamResponse:
         device = await renew(_issuer(ctl), parsed, now)
     except EnrollmentRefused as exc:
         return _refused(request, exc)
+    request["device"] = device.id
     log("device.cert_renewed", device=device.id, serial=device.cert_serial)
     return json_response(enrollment_json(device, ctl.ca.certificate_pem, broker_url(ctl)))
 

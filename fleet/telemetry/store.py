@@ -9,6 +9,7 @@ Rules:
   every `k=v`), `rollout` (the devices the rollout drew, reports for its rune since it started).
   With `rollout`, the answer also has one aggregate per wave (the canary first), so an operator
   can compare the canary's behaviour with the rest.
+- `stream_series` is the same fleet aggregate per period of time, for the dashboard's charts.
 - A group with no report gets no aggregate (`value` null), only its counts. A group of one device
   (a canary of one) gets that device's noisy reports averaged: each was made differentially
   private on the device, so that is no more than the device chose to send.
@@ -95,6 +96,24 @@ async def stream_aggregate(
             for wave in sorted(sizes)
         ]
     return answer
+
+
+async def stream_series(
+    stream: str, since: datetime, until: datetime, buckets: int
+) -> list[dict[str, Any]]:
+    """The fleet aggregate of `stream` in each of `buckets` equal periods from `since` to
+    `until` (by the reports' window end), oldest first; a period with no report has none."""
+    if buckets < 1 or until <= since:
+        return []
+    start, step = since.timestamp(), (until - since).total_seconds() / buckets
+    grouped: dict[int, list[Entry]] = defaultdict(list)
+    for entry in await _entries(stream, since, None, None):
+        index = min(int((entry.window_end - start) // step), buckets - 1)
+        grouped[index].append(entry)
+    return [
+        {"until": start + step * (index + 1), "aggregate": _summary(grouped[index])}
+        for index in sorted(grouped)
+    ]
 
 
 def _summary(entries: list[Entry]) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""The controller's web dashboard (`/`): pages for operators, drawn on the server."""
