@@ -111,7 +111,7 @@ async def running_controller(
     telemetry: TelemetryService | None = None
     gauges: FleetGauges | None = None
     try:
-        repository = await FleetRepository.open(fleet_dir, config.lifetimes())
+        repository = await FleetRepository.open(fleet_dir, config.lifetimes(), url)
         ctl = Controller(fleet_dir, config, repository, version=dist_version("fleet-tinyml"))
         ctl.audit = await audits.enter_async_context(audit_log(audit_key))
         await ctl.renew_once(utcnow())
@@ -195,6 +195,7 @@ async def running_controller(
             await broker.stop()
         if ctl is not None:
             await ctl.stop()
+            await ctl.repository.close()
         await audits.aclose()
         await close_database()
         log("controller.stopped")

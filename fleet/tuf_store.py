@@ -4,6 +4,12 @@ Rules:
 - Every change goes through one lock and is stored in one transaction: the files a change
   publishes (targets, snapshot, timestamp, root) appear together or not at all. The lock is
   always taken before the database (never while a transaction is open).
+- Replicas (controllers sharing one PostgreSQL database and fleet directory) take turns: the lock
+  is also a PostgreSQL advisory lock (`REPOSITORY_LOCK_KEY`, on a connection of its own), and
+  whoever takes it first loads what the others stored since (`sync`), so every change starts from
+  the newest signed state and versions only go up. A replica also syncs before it serves
+  `timestamp.json`, so a device never gets an older timestamp from one replica than it already
+  got from another.
 - Metadata is served from memory after it is stored; every stored version stays fetchable.
 - Online keys are read from the fleet dir's `keys/`; the root keys are never read here. A root
   change is drafted here, signed offline by `fleetctl keys rotate`, and accepted here only if
@@ -15,12 +21,15 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from securesystemslib.signer import CryptoSigner
 from tortoise.transactions import in_transaction
@@ -28,6 +37,7 @@ from tuf.api.metadata import Metadata, Root
 
 from attestation.keys import generate_key_file, load_key_file, public_key_of
 from fleet.blobs import BlobStore
+from fleet.db import sql
 from fleet.db.models import KeyRotation, TufFile
 from fleet.fleetdir import FleetDir
 from ota.repository import (
@@ -39,6 +49,8 @@ from ota.repository import (
     RepositoryError,
 )
 from ota.targets import COMMAND_KEY_TARGET
+
+REPOSITORY_LOCK_KEY = 0x666C656574_02  # "fleet" + 2 (the scheduler's is + 1)
 
 
 def utcnow() -> datetime:
@@ -52,6 +64,73 @@ def command_key_document(signer: CryptoSigner) -> bytes:
     ).encode()
 
 
+def postgres_dsn(db_url: str | None) -> str | None:
+    """The asyncpg DSN of a PostgreSQL database URL; None for any other database."""
+    if db_url is None or not db_url.startswith(("postgres://", "postgresql://", "asyncpg://")):
+        return None
+    parts = urlsplit(db_url)
+    return urlunsplit(parts._replace(scheme="postgresql", query=""))
+
+
+class RepositoryLock:
+    """This process's change lock and, on PostgreSQL, every replica's (see the module's rules);
+    there, `on_acquired` runs once both are held."""
+
+    def __init__(self, dsn: str | None, on_acquired: Callable[[], Awaitable[object]]) -> None:
+        self.local = asyncio.Lock()
+        self._dsn = dsn
+        self._on_acquired = on_acquired
+        self._connection: Any = None
+
+    async def __aenter__(self) -> None:
+        await self.local.acquire()
+        try:
+            if self._dsn is not None:
+                await self._lock_shared()
+                try:
+                    await self._on_acquired()
+                except BaseException:
+                    await self._unlock_shared()
+                    raise
+        except BaseException:
+            self.local.release()
+            raise
+
+    async def __aexit__(self, *_exc: object) -> None:
+        try:
+            await self._unlock_shared()
+        finally:
+            self.local.release()
+
+    async def _lock_shared(self) -> None:
+        import asyncpg  # type: ignore[import-untyped]  # only on PostgreSQL
+
+        for attempt in (1, 2):  # a connection lost since the last change is made again once
+            if self._connection is None or self._connection.is_closed():
+                self._connection = await asyncpg.connect(self._dsn)
+            try:
+                await self._connection.execute("SELECT pg_advisory_lock($1)", REPOSITORY_LOCK_KEY)
+                return
+            except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError):
+                await self.close()
+                if attempt == 2:
+                    raise
+
+    async def _unlock_shared(self) -> None:
+        if self._dsn is None or self._connection is None:
+            return
+        try:
+            await self._connection.execute("SELECT pg_advisory_unlock($1)", REPOSITORY_LOCK_KEY)
+        except Exception:
+            await self.close()  # closing the session releases its locks
+
+    async def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+
 @dataclass(frozen=True)
 class RotationDraft:
     id: int
@@ -60,7 +139,13 @@ class RotationDraft:
 
 
 class FleetRepository:
-    def __init__(self, fleet_dir: FleetDir, repository: Repository, blobs: BlobStore) -> None:
+    def __init__(
+        self,
+        fleet_dir: FleetDir,
+        repository: Repository,
+        blobs: BlobStore,
+        shared_dsn: str | None = None,
+    ) -> None:
         self.fleet_dir = fleet_dir
         self.repository = repository
         self.blobs = blobs
@@ -68,23 +153,57 @@ class FleetRepository:
         # the same transaction as a change takes this lock, opens the transaction and calls a
         # `*_locked` method. (SQLite has one connection, locked for a whole transaction:
         # holding a transaction while waiting for this lock deadlocks against the renewal.)
-        self.lock = asyncio.Lock()
+        self.shared = shared_dsn is not None
+        self.lock = RepositoryLock(shared_dsn, self.sync)
         self._files: dict[str, bytes] = {}
         self._latest: dict[str, int] = {}
+        self._synced_at = 0.0
 
     @classmethod
-    async def open(cls, fleet_dir: FleetDir, lifetimes: Lifetimes) -> FleetRepository:
-        latest: dict[str, bytes] = {}
-        for role in TOP_LEVEL_ROLES:
-            row = await TufFile.filter(role=role).order_by("-version").first()
-            if row is not None:
-                latest[role] = bytes(row.data)
+    async def open(
+        cls, fleet_dir: FleetDir, lifetimes: Lifetimes, db_url: str | None = None
+    ) -> FleetRepository:
+        latest = await _latest_files()
         signers = {role: _online_signer(fleet_dir, role, latest) for role in ONLINE_ROLES}
         repo = Repository.load(latest, signers, lifetimes)
-        store = cls(fleet_dir, repo, BlobStore(fleet_dir.blobs))
+        store = cls(fleet_dir, repo, BlobStore(fleet_dir.blobs), postgres_dsn(db_url))
         for row in await TufFile.all():
             store._remember(PublishedFile(row.role, row.version, bytes(row.data)))
         return store
+
+    async def close(self) -> None:
+        await self.lock.close()
+
+    async def sync(self) -> bool:
+        """Load what other replicas stored since this one last looked; whether there was any.
+        Call it holding `lock` (it is `lock`'s `on_acquired`), or through `sync_for_serving`."""
+        self._synced_at = time.monotonic()
+        rows = await sql.fetch(
+            "SELECT role, MAX(version) AS version FROM tuf_file GROUP BY role", []
+        )
+        newest = {str(row["role"]): int(row["version"]) for row in rows}
+        current = {role: getattr(self.repository, role).signed.version for role in TOP_LEVEL_ROLES}
+        behind = [role for role in TOP_LEVEL_ROLES if newest.get(role, 0) > current[role]]
+        if not behind:
+            return False
+        for role in behind:
+            for row in await TufFile.filter(role=role, version__gt=current[role]):
+                self._remember(PublishedFile(row.role, row.version, bytes(row.data)))
+        latest = await _latest_files()
+        signers = {role: _online_signer(self.fleet_dir, role, latest) for role in ONLINE_ROLES}
+        self.repository = Repository.load(latest, signers, self.repository.lifetimes)
+        return True
+
+    async def sync_for_serving(self) -> None:
+        """`sync` before serving a timestamp, on replicas only: what every replica had stored
+        when the request arrived is served. Requests waiting together share one sync, since a
+        sync that started after a request arrived answers it too."""
+        if not self.shared:
+            return
+        arrived = time.monotonic()
+        async with self.lock.local:
+            if self._synced_at < arrived:
+                await self.sync()
 
     @staticmethod
     async def store(files: Iterable[PublishedFile]) -> None:
@@ -268,6 +387,15 @@ class FleetRepository:
             if row.new_key_file:
                 Path(row.new_key_file).replace(self.fleet_dir.key_file(row.role))
             return files
+
+
+async def _latest_files() -> dict[str, bytes]:
+    latest: dict[str, bytes] = {}
+    for role in TOP_LEVEL_ROLES:
+        row = await TufFile.filter(role=role).order_by("-version").first()
+        if row is not None:
+            latest[role] = bytes(row.data)
+    return latest
 
 
 def _online_signer(fleet_dir: FleetDir, role: str, latest: dict[str, bytes]) -> CryptoSigner:

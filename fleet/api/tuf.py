@@ -26,7 +26,11 @@ from ota.targets import RUNES_PREFIX
 
 async def metadata(request: web.Request) -> web.StreamResponse:
     await signing_device(request)
-    data = controller(request).repository.metadata(request.match_info["filename"])
+    repository = controller(request).repository
+    filename = request.match_info["filename"]
+    if filename == "timestamp.json":
+        await repository.sync_for_serving()  # what another replica published (replicas only)
+    data = repository.metadata(filename)
     if data is None:
         raise web.HTTPNotFound()
     return web.Response(
