@@ -7,7 +7,8 @@ Rules:
 - Each stream's last accepted `seq` is stored with the device and advanced with a conditional
   update (`WHERE seq < new`), so two copies of one message (a QoS 1 redelivery, a retained
   presence seen again after a restart) are handled once: the same `seq` again is a duplicate,
-  ignored and counted; a lower one is a replay, refused. What a message changes on the device row
+  ignored and counted; a lower one is a replay, refused, with one exception: a late command
+  report (below). What a message changes on the device row
   (`last_seen_at`; `online` for a presence; the runes a status or a `hello` reports, and a
   `hello`'s `last_hello` and agent version) is written by that same update, so a message is
   accepted and recorded in one statement, or neither; only then is it acted on (the outbox).
@@ -17,6 +18,16 @@ Rules:
   their seqs rise; otherwise, or if that update changes nothing, one at a time as above), and
   the command reports among them go to the outbox together (`Outbox.report_many`). A `hello` or
   a `security-event` is recorded and acted on alone, in its place in the order.
+- A late command report: a `status` naming a command, with a `seq` at most `REORDER_WINDOW` below
+  the stored one. Controller replicas on one MQTT shared subscription split a device's messages
+  between them, so a device's report can be handled after its next message was, by another
+  replica; refusing it would lose the end of a command until the device's next `hello`. Its
+  report still goes to the outbox, and nothing else of it is recorded (the device row, its seq).
+  This gives a replay nothing: the message verified (the device signed it, for this controller,
+  and it has not expired), the outbox takes a report only for that device's own command and only
+  moves a command forward (the first terminal report ends it), so a copy can only repeat what the
+  device already said about that same command, which a broker could have delayed anyway. Counted
+  in `fleet_messages_late_reports_total`, not as a refusal.
 - Device messages are handled concurrently by `DISPATCH_WORKERS` tasks. Each device is hashed to
   one of them, so one device's messages are handled one at a time, in the order the broker
   delivered them (the conditional update would refuse an older `seq` handled late, so order is
@@ -64,6 +75,7 @@ import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import Enum
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -97,6 +109,7 @@ CLIENT_ID = "fleet-controller"
 DISPATCH_WORKERS = 8
 DISPATCH_QUEUE_SIZE = 256
 BATCH_MAX = 256
+REORDER_WINDOW = 64  # how far below the stored seq a late command report may be
 PUBLISH_PENDING_WARNING = 2 * sql.CHUNK
 _SEQ_FIELD = {Channel.STATUS: "status_seq", Channel.PRESENCE: "presence_seq"}
 # What is recorded in runs: the messages whose recorded fields are plain columns (a hello's
@@ -118,6 +131,12 @@ class ChannelMetrics:
             ["kind"],
             registry=registry,
         )
+        self.late_reports = Counter(
+            "fleet_messages_late_reports_total",
+            "Command reports that arrived after a newer message of their device (replicas "
+            "splitting its messages): given to the outbox, nothing else recorded",
+            registry=registry,
+        )
         self.duplicates = Counter(
             "fleet_messages_duplicate_total",
             "Device messages seen again with the same seq (QoS 1 redelivery, retained presence)",
@@ -134,6 +153,12 @@ class ChannelMetrics:
             "Times the controller (re)connected to the broker",
             registry=registry,
         )
+
+
+class Recorded(Enum):
+    ACCEPTED = "accepted"
+    LATE_REPORT = "late-report"
+    NOT = "not"
 
 
 @dataclass(frozen=True)
@@ -351,7 +376,7 @@ class BrokerLink:
                 continue
             accepted += await self._accept_run(run)
             run = []
-            if await self._record_one(item):
+            if await self._record_one(item) is Recorded.ACCEPTED:
                 accepted.append(item)
                 self.metrics.received.labels(item.message.type.value).inc()
                 await self._act(item)
@@ -398,6 +423,7 @@ class BrokerLink:
             streams.setdefault((item.device_id, item.field), []).append(item)
         now = self.clock()
         accepted: list[Opened] = []
+        late: list[Opened] = []
         async with in_transaction():
             for (device_id, field), items in streams.items():
                 seqs = [item.message.seq for item in items]
@@ -415,36 +441,43 @@ class BrokerLink:
                         accepted += items
                         continue
                 # Some were seen before, or are out of order: one at a time, as they came.
-                accepted += [item for item in items if await self._record_one(item, now)]
-        reports = []
+                for item in items:
+                    outcome = await self._record_one(item, now)
+                    if outcome is Recorded.ACCEPTED:
+                        accepted.append(item)
+                    elif outcome is Recorded.LATE_REPORT:
+                        late.append(item)
+        reports = [_report(item) for item in late]
         for item in accepted:
             self.metrics.received.labels(item.message.type.value).inc()
-            body = item.message.body
-            command = body.get("command_id")
-            if item.message.type is MessageType.STATUS and isinstance(command, str):
-                reason = str(body.get("reason", ""))
-                reports.append(Report(item.device_id, command, str(body.get("state")), reason))
+            if _is_report(item.message):
+                reports.append(_report(item))
             else:
                 await self._act(item)
         await self.outbox.report_many(reports)
         return accepted
 
-    async def _record_one(self, item: Opened, now: datetime | None = None) -> bool:
-        """Advance the stream's seq to this message's and record what it says, if it is new."""
+    async def _record_one(self, item: Opened, now: datetime | None = None) -> Recorded:
+        """Advance the stream's seq to this message's and record what it says, if it is new;
+        a late command report is told apart from a replay (see the module's rules)."""
         message, field, device_id = item.message, item.field, item.device_id
         advanced = await Device.filter(id=device_id, **{f"{field}__lt": message.seq}).update(
             **{field: message.seq, "last_seen_at": now or self.clock()}, **_recorded(message)
         )
         if advanced:
-            return True
+            return Recorded.ACCEPTED
         stored = await Device.filter(id=device_id).only("id", field).first()
         last = int(getattr(stored, field)) if stored is not None else None
         if message.seq == last:
             self.metrics.duplicates.inc()
-            return False
+            return Recorded.NOT
+        if last is not None and _is_report(message) and last - message.seq <= REORDER_WINDOW:
+            self.metrics.late_reports.inc()
+            log("channel.late_report", device=device_id, seq=message.seq, last=last)
+            return Recorded.LATE_REPORT
         reason = f"seq {message.seq} is not above {last}" if last is not None else "no device"
         self._refuse(Refusal("replayed", reason), device_id, item.topic)
-        return False
+        return Recorded.NOT
 
     async def _act(self, item: Opened) -> None:
         """What an accepted message does beyond the device row `_recorded` already updated."""
@@ -486,6 +519,19 @@ class BrokerLink:
 
 async def _nothing(_device_id: str) -> None:
     return None
+
+
+def _is_report(message: Message) -> bool:
+    """Whether `message` is a device's report on one of its commands."""
+    return message.type is MessageType.STATUS and isinstance(message.body.get("command_id"), str)
+
+
+def _report(item: Opened) -> Report:
+    body = item.message.body
+    return Report(
+        item.device_id, str(body["command_id"]), str(body.get("state")),
+        str(body.get("reason", "")),
+    )  # fmt: skip
 
 
 def _recorded(message: Message) -> dict[str, Any]:

@@ -232,6 +232,41 @@ async def test_duplicates_are_ignored_and_replays_refused_through_the_workers(db
     assert (await Device.get(id=other.id)).status_seq == 0
 
 
+async def test_a_late_command_report_still_ends_its_command(db: None) -> None:
+    """Replicas split a device's messages: its report on a command can be handled after its next
+    status was. The report still ends the command; nothing else of it is recorded; one too far
+    back is a replay, refused, and changes nothing."""
+    fleet = await _fleet(2, 2, 4)
+    one, other = fleet.devices
+    report = one.seal(
+        Channel.STATUS,
+        MessageType.STATUS,
+        {"command_id": one.command_id, "state": "succeeded", "active": None},
+    )
+    newer = one.seal(Channel.STATUS, MessageType.STATUS, {"state": "running"})
+    stale = other.seal(
+        Channel.STATUS,
+        MessageType.STATUS,
+        {"command_id": other.command_id, "state": "failed", "reason": "old"},
+    )
+    other.status_seq += 100  # the device has said much more since
+    current = other.seal(Channel.STATUS, MessageType.STATUS, {"state": "running"})
+    try:
+        for topic_name, data in [newer, report, current, stale]:
+            await fleet.link.submit(topic_name, data)
+        await fleet.link.drain()
+    finally:
+        await fleet.link.stop()
+
+    command = await Command.get(id=one.command_id)
+    assert command.state == "succeeded"
+    assert (await Device.get(id=one.id)).status_seq == 2  # the late report did not move it back
+    assert fleet.total("fleet_messages_late_reports_total") == 1
+    refused = fleet.registry.get_sample_value
+    assert refused("fleet_messages_refused_total", {"kind": "replayed"}) == 1
+    assert (await Command.get(id=other.command_id)).state == "sent"
+
+
 async def test_a_message_that_fails_to_be_handled_does_not_stop_its_worker(db: None) -> None:
     fleet = await _fleet(1, 1, 1)
     (device,) = fleet.devices
