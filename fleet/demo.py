@@ -564,8 +564,9 @@ def _keep_running(
     console: Console, summary: dict[str, Any], processes: Processes, workdir: Path
 ) -> None:
     console.print(
-        f"the fleet keeps running: API {summary['controller']}, admin token "
-        f"{summary['admin_token']}, files in {workdir}. Ctrl-C stops it and removes them.",
+        f"the fleet keeps running: API and dashboard {summary['controller']} (sign in with the "
+        f"admin token {summary['admin_token']}), files in {workdir}. Ctrl-C stops it and "
+        "removes them.",
         highlight=False,
     )
     try:
