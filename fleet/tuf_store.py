@@ -167,7 +167,7 @@ class FleetRepository:
         signers = {role: _online_signer(fleet_dir, role, latest) for role in ONLINE_ROLES}
         repo = Repository.load(latest, signers, lifetimes)
         store = cls(fleet_dir, repo, BlobStore(fleet_dir.blobs), postgres_dsn(db_url))
-        for row in await TufFile.all():
+        for row in await TufFile.all().order_by("version"):
             store._remember(PublishedFile(row.role, row.version, bytes(row.data)))
         return store
 
@@ -187,7 +187,9 @@ class FleetRepository:
         if not behind:
             return False
         for role in behind:
-            for row in await TufFile.filter(role=role, version__gt=current[role]):
+            for row in await TufFile.filter(role=role, version__gt=current[role]).order_by(
+                "version"
+            ):
                 self._remember(PublishedFile(row.role, row.version, bytes(row.data)))
         latest = await _latest_files()
         signers = {role: _online_signer(self.fleet_dir, role, latest) for role in ONLINE_ROLES}
@@ -212,6 +214,11 @@ class FleetRepository:
                 await TufFile.create(role=file.role, version=file.version, data=file.data)
 
     def _remember(self, file: PublishedFile) -> None:
+        """Serve `file`; in whatever order files come, `timestamp.json` and `root.json` stay the
+        newest ones, and every root version stays fetchable as `N.root.json` (clients walk the
+        chain of roots one version at a time)."""
+        if file.role == "root":
+            self._files[file.filename] = file.data
         if file.role in ("timestamp", "root"):
             if self._latest.get(file.role, 0) > file.version:
                 return
