@@ -34,7 +34,7 @@ import fleet.api.runes
 import fleet.api.telemetry  # noqa: F401  (registers routes)
 from fleet.api import tuf
 from fleet.api.audit import audit_middleware
-from fleet.api.context import CONTROLLER, controller
+from fleet.api.context import CONTROLLER, REQUEST_TOKEN, controller
 from fleet.api.errors import ApiError, error_response, json_response
 from fleet.api.routes import API, Handler, openapi_document
 from fleet.controller import Controller
@@ -105,7 +105,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if row is None:
         refused.labels("unknown").inc()
         return error_response(401, "the API token is unknown or revoked")
-    request["token"] = row  # also who the audit log names when the role is refused
+    request[REQUEST_TOKEN] = row  # also who the audit log names when the role is refused
     if not role_allows(row.role, needed):
         refused.labels("role").inc()
         return error_response(

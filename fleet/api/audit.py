@@ -21,7 +21,7 @@ from datetime import timedelta
 import orjson
 from aiohttp import web
 
-from fleet.api.context import controller
+from fleet.api.context import REQUEST_DEVICE, REQUEST_TOKEN, controller
 from fleet.api.errors import ApiError, json_response
 from fleet.api.routes import API, Handler
 from fleet.audit import Entry
@@ -43,10 +43,10 @@ def outcome_of(status: int) -> str:
 
 
 def _actor(request: web.Request) -> str:
-    token = request.get("token")
+    token = request.get(REQUEST_TOKEN)
     if token is not None:
         return f"{token.name} ({token.role})"
-    device = request.get("device")
+    device = request.get(REQUEST_DEVICE)
     if device is not None:
         return f"device:{device}"
     claimed = request.headers.get(DEVICE_HEADER)

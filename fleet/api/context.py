@@ -20,6 +20,9 @@ from fleet.logs import log
 from ota.request_auth import DEVICE_HEADER, RequestAuthError, verify_request
 
 CONTROLLER = web.AppKey("controller", Controller)
+# Who made a request: the API token it carried, or the device that signed it.
+REQUEST_TOKEN = web.RequestKey("token", ApiToken)
+REQUEST_DEVICE = web.RequestKey("device", str)
 
 
 def controller(request: web.Request) -> Controller:
@@ -27,7 +30,7 @@ def controller(request: web.Request) -> Controller:
 
 
 def caller(request: web.Request) -> ApiToken:
-    token: ApiToken = request["token"]
+    token: ApiToken = request[REQUEST_TOKEN]
     return token
 
 
@@ -52,5 +55,5 @@ async def signing_device(request: web.Request) -> tuple[str, Key]:
             content_type="application/json",
         ) from None
     assert key is not None  # verify_request refuses a device without one
-    request["device"] = device_id  # the audit record's actor
+    request[REQUEST_DEVICE] = device_id  # the audit record's actor
     return device_id, key

@@ -17,7 +17,7 @@ import logging
 
 from aiohttp import web
 
-from fleet.api.context import caller, controller
+from fleet.api.context import REQUEST_DEVICE, caller, controller
 from fleet.api.errors import ApiError, error_response, json_response, read_json
 from fleet.api.routes import API, DEVICE
 from fleet.controller import Controller
@@ -105,7 +105,7 @@ async def post_enroll(request: web.Request) -> web.StreamResponse:
     except EnrollmentRefused as exc:
         return _refused(request, exc)
     device = outcome.device
-    request["device"] = device.id  # it proved its key: the audit record's actor
+    request[REQUEST_DEVICE] = device.id  # it proved its key: the audit record's actor
     ctl.forget_device(device.id)
     if outcome.via_token is not None:
         log("device.enrolled", device=device.id, token=outcome.via_token)
@@ -152,7 +152,7 @@ async def post_renew(request: web.Request) -> web.StreamResponse:
         device = await renew(_issuer(ctl), parsed, now)
     except EnrollmentRefused as exc:
         return _refused(request, exc)
-    request["device"] = device.id
+    request[REQUEST_DEVICE] = device.id
     log("device.cert_renewed", device=device.id, serial=device.cert_serial)
     return json_response(enrollment_json(device, ctl.ca.certificate_pem, broker_url(ctl)))
 
