@@ -112,7 +112,15 @@ async def _user(request: web.Request) -> ApiToken:
 
 
 def _next(value: str | None) -> str:
-    return value if value and value.startswith("/") and not value.startswith("//") else "/"
+    """Where to go after signing in: a path on this controller only (browsers read `//x` and
+    `/\\x` as another host), else the overview."""
+    safe = (
+        value is not None
+        and value.startswith("/")
+        and not value.startswith(("//", "/\\"))
+        and value.isprintable()
+    )
+    return value if safe and value is not None else "/"
 
 
 async def login_page(request: web.Request) -> web.StreamResponse:
