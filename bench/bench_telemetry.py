@@ -66,6 +66,8 @@ from attestation.envelope import parse
 from attestation.identity import DeviceIdentity
 from attestation.keys import key_from_raw, raw_public_bytes
 from bench.bench_fleet import BenchError, private_broker, usage
+from fleet.audit_log import load_audit_key
+from fleet.fleetdir import FleetDir
 from ota.protocol import (
     CONTROLLER,
     MAX_MESSAGE_BYTES,
@@ -342,6 +344,7 @@ def ingest_run(
     folder = scratch / f"run-{workers}"
     folder.mkdir()
     (folder / "fleet.yaml").write_text("name: bench\n")
+    load_audit_key(FleetDir(folder))  # as the controller makes it; the workers need it
     register(db_url, identities)
     log = folder / "ingest.log"
     with private_broker(folder) as (broker, broker_process):

@@ -13,8 +13,10 @@ Rules:
 - Every `security.*` log event (refused envelopes and requests, failed enrollment and attestation,
   quarantine) becomes a record (`security_entry`, fed by `fleet.logs` whatever the log level); API
   calls are recorded by the API's middleware (`fleet.api.audit`).
-- The key is `keys/audit.key` in the fleet directory (64 hex digits, mode 0600), made on first use;
-  every process that writes or checks the log needs the same file.
+- The key is `keys/audit.key` in the fleet directory (64 hex digits, mode 0600). The controller
+  makes it on first use; every other process that writes the log (ingest workers, maybe on other
+  hosts) needs that same file and refuses to start without it, since a key of its own would make
+  its records look edited.
 """
 
 from __future__ import annotations
@@ -56,10 +58,15 @@ def audit_key_file(fleet_dir: FleetDir) -> Path:
     return fleet_dir.keys / "audit.key"
 
 
-def load_audit_key(fleet_dir: FleetDir) -> bytes:
-    """The fleet's audit key, made (0600) if the fleet has none yet."""
+def load_audit_key(fleet_dir: FleetDir, *, create: bool = True) -> bytes:
+    """The fleet's audit key; made (0600) if the fleet has none yet and `create` is set."""
     path = audit_key_file(fleet_dir)
     if not path.exists():
+        if not create:
+            raise AuditKeyError(
+                f"{path} is missing: copy it from the controller's fleet directory (every "
+                "process writing the audit log needs the same key)"
+            )
         with contextlib.suppress(FileExistsError):  # another process made it first
             write_new(path, secrets.token_hex(KEY_BYTES).encode() + b"\n", 0o600)
     try:
@@ -76,7 +83,7 @@ class AuditLog:
     def __init__(self, key: bytes) -> None:
         self.key = key
         self.written = 0  # records this process appended
-        self.highest_seq = 0  # the newest seq this process appended or saw as the head
+        self.highest_seq = 0  # the newest seq this process appended
         self.dropped = 0  # entries dropped because the buffer was full, since the start
         self._unreported_drops = 0
         self._pending: deque[Entry] = deque()
@@ -138,7 +145,7 @@ class AuditLog:
             self._wake.clear()
             try:
                 await self.flush()
-            except (BaseORMException, OSError) as exc:
+            except Exception as exc:  # the database away, or anything else: keep the entries
                 if self._stopping:
                     _warn(f"audit log: {len(self._pending)} entries not written ({exc})")
                     return

@@ -43,9 +43,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from urllib.parse import urlsplit, urlunsplit
 
-from fleet.db import sql
+from fleet.db import postgres_dsn, sql
 from fleet.db.models import Command
 from fleet.db.models import Rollout as RolloutRow
 from fleet.logs import log
@@ -175,13 +174,12 @@ class Scheduler:
 
     @contextlib.asynccontextmanager
     async def _leadership(self) -> AsyncIterator[None]:
-        if not self.db_url.startswith(("postgres://", "postgresql://", "asyncpg://")):
+        dsn = postgres_dsn(self.db_url)
+        if dsn is None:
             yield
             return
         import asyncpg  # type: ignore[import-untyped]  # only on PostgreSQL
 
-        parts = urlsplit(self.db_url)
-        dsn = urlunsplit(parts._replace(scheme="postgresql", query=""))
         while True:
             connection = await asyncpg.connect(dsn)
             try:

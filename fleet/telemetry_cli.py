@@ -201,7 +201,7 @@ def telemetry_ingest(
         fleet_dir = FleetDir.from_option(directory)
         config = fleet_dir.load_config()
         url = fleet_dir.db_url(db_url)
-        audit_key = load_audit_key(fleet_dir)
+        audit_key = load_audit_key(fleet_dir, create=False)
     except (FleetDirError, AuditKeyError) as exc:
         _fail(str(exc), EXIT_INVALID)
     broker = mqtt_url or config.mqtt_url

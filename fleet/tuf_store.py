@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from securesystemslib.signer import CryptoSigner
 from tortoise.transactions import in_transaction
@@ -37,7 +36,7 @@ from tuf.api.metadata import Metadata, Root
 
 from attestation.keys import generate_key_file, load_key_file, public_key_of
 from fleet.blobs import BlobStore
-from fleet.db import sql
+from fleet.db import postgres_dsn, sql
 from fleet.db.models import KeyRotation, TufFile
 from fleet.fleetdir import FleetDir
 from ota.repository import (
@@ -62,14 +61,6 @@ def command_key_document(signer: CryptoSigner) -> bytes:
     return json.dumps(
         {"keyid": key.keyid, "key": key.to_dict()}, sort_keys=True, separators=(",", ":")
     ).encode()
-
-
-def postgres_dsn(db_url: str | None) -> str | None:
-    """The asyncpg DSN of a PostgreSQL database URL; None for any other database."""
-    if db_url is None or not db_url.startswith(("postgres://", "postgresql://", "asyncpg://")):
-        return None
-    parts = urlsplit(db_url)
-    return urlunsplit(parts._replace(scheme="postgresql", query=""))
 
 
 class RepositoryLock:

@@ -16,17 +16,14 @@ Rules:
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import orjson
 from aiohttp import web
 
 from fleet.api.context import REQUEST_DEVICE, REQUEST_TOKEN, controller
-from fleet.api.errors import ApiError, json_response
+from fleet.api.errors import ApiError, duration_query, json_response
 from fleet.api.routes import API, Handler
 from fleet.audit import Entry
 from fleet.audit_log import check_stored_chain, read_records
-from fleet.rollout_plan import PlanError, parse_duration
 from fleet.tuf_store import utcnow
 from ota.request_auth import DEVICE_HEADER
 
@@ -119,13 +116,8 @@ def _int(request: web.Request, name: str, default: int, most: int) -> int:
     parameters=("since", "action", "actor", "limit", "after"),
 )
 async def list_audit(request: web.Request) -> web.StreamResponse:
-    since = None
-    if "since" in request.query:
-        try:
-            seconds = parse_duration(request.query["since"], "since")
-        except PlanError as exc:
-            raise ApiError(400, str(exc)) from None
-        since = utcnow() - timedelta(seconds=seconds)
+    ago = duration_query(request, "since", None)
+    since = None if ago is None else utcnow() - ago
     records = await read_records(
         since=since,
         after_seq=_int(request, "after", 0, 2**62),

@@ -13,21 +13,18 @@ from datetime import timedelta
 
 from aiohttp import web
 
-from fleet.api.errors import ApiError, json_response
+from fleet.api.errors import ApiError, duration_query, json_response
 from fleet.api.routes import API
 from fleet.enrollment import parse_label_selector
-from fleet.rollout_plan import PlanError, parse_duration
 from fleet.telemetry.store import TelemetryQueryError, list_streams, stream_aggregate
 from fleet.tuf_store import utcnow
 from ota.targets import DEFAULT_ORG, TargetNameError, check_part, parse_rune_ref
 
 
 def _since(request: web.Request) -> timedelta:
-    try:
-        seconds = parse_duration(request.query.get("since", "1h"), "since")
-    except PlanError as exc:
-        raise ApiError(400, str(exc)) from None
-    return timedelta(seconds=seconds)
+    since = duration_query(request, "since", "1h")
+    assert since is not None  # it has a default
+    return since
 
 
 def _rune(text: str | None, org: str) -> str | None:

@@ -170,10 +170,11 @@ async def overview(request: web.Request) -> web.StreamResponse:
 
 async def devices(request: web.Request) -> web.StreamResponse:
     user = await _user(request)
+    error = None
     try:
         selector = parse_label_selector(request.query.getall("label", []))
     except ValueError as exc:
-        raise web.HTTPBadRequest(text=str(exc)) from None
+        selector, error = {}, str(exc)  # shown on the page; the list is then unfiltered
     state = request.query.get("state") or None
     rune = request.query.get("rune") or None
     offset_text = request.query.get("offset", "0")
@@ -201,7 +202,7 @@ async def devices(request: web.Request) -> web.StreamResponse:
         status = row["attestation_status"] or "none"
         row["attestation"] = "expired" if expires is not None and expires < now else status
     return _render(
-        request, "devices.html", user,
+        request, "devices.html", user, 400 if error else 200, error=error,
         devices=shown, total=total, offset=offset, page=PAGE,
         filters={"label": request.query.getall("label", []), "state": state or "",
                  "rune": rune or ""},

@@ -31,6 +31,15 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def postgres_dsn(db_url: str | None) -> str | None:
+    """The asyncpg DSN of a PostgreSQL database URL (for a connection of one's own, such as an
+    advisory lock's); None for any other database."""
+    if db_url is None or not db_url.startswith(("postgres://", "postgresql://", "asyncpg://")):
+        return None
+    parts = urlsplit(db_url)
+    return urlunsplit(parts._replace(scheme="postgresql", query=""))
+
+
 def tortoise_config(db_url: str) -> dict[str, Any]:
     return {
         "connections": {"default": db_url},

@@ -121,6 +121,10 @@ def test_an_operator_follows_a_rollout_live_and_pauses_it(
     for agent in agents:
         expect(page.locator(f"#devices a:text('{agent.device_id}')")).to_be_visible()
     shot(page, "devices")
+    page.goto(f"{ctl.url}/devices?label=site")  # not k=v: said on the page, nothing filtered
+    playwright_api.expect(page.locator("main .error")).to_contain_text("is not k=v")
+    assert page.locator("#devices tbody a").count() == AGENTS
+    page.goto(f"{ctl.url}/devices?label=site=lab")
     page.click(f"#devices a:text('{agents[0].device_id}')")
     expect(page.locator("h1")).to_contain_text(agents[0].device_id)
     expect(page.locator("main")).to_contain_text("affirming")

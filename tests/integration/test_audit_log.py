@@ -6,13 +6,15 @@ PostgreSQL path is in tests/e2e/test_audit.py).
 - `security.*` log events become records naming the device and the reason.
 - A full buffer drops entries, counts them, and the chain then says how many were dropped.
 - While the database is away nothing is lost: the entries wait and are written once it is back.
+- An ingest worker whose fleet directory lacks the controller's audit key refuses to start, naming
+  the file, instead of making a key of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -24,17 +26,9 @@ from fleet.db import close_database, open_database
 from fleet.db.models import AuditRecord
 from fleet.logs import log
 from fleet.tuf_store import utcnow
+from tests.controller import FLEETCTL
 
 KEY = secrets.token_bytes(32)
-
-
-@pytest.fixture
-async def database(tmp_path: Path) -> AsyncIterator[str]:
-    # SQLite only: Tortoise keeps one dialect per process (see test_telemetry_store).
-    url = f"sqlite://{tmp_path / 'fleet.sqlite3'}"
-    await open_database(url)
-    yield url
-    await close_database()
 
 
 def entry(n: int, actor: str = "ops (operator)") -> Entry:
@@ -107,3 +101,17 @@ async def test_nothing_is_lost_while_the_database_is_away(database: str) -> None
     records = await read_records(limit=100)
     assert [r.to_json()["details"]["n"] for r in records] == [1, 2, 3, 4, 5]
     assert (await check_stored_chain(KEY, audit.highest_seq)).intact
+
+
+def test_an_ingest_worker_without_the_audit_key_refuses_to_start(tmp_path: Path) -> None:
+    (tmp_path / "fleet.yaml").write_text("name: elsewhere\n")
+    started = subprocess.run(
+        [FLEETCTL, "telemetry", "ingest", "--dir", str(tmp_path), "--mqtt-url",
+         "mqtt://127.0.0.1:1", "--db-url", f"sqlite://{tmp_path / 'f.sqlite3'}"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert started.returncode == 3, started.stderr
+    said = " ".join(started.stderr.split())  # however the terminal wrapped it
+    assert "audit.key is missing: copy it from the controller's fleet directory" in said
+    assert "Traceback" not in started.stderr
+    assert not (tmp_path / "keys" / "audit.key").exists()

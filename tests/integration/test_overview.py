@@ -7,34 +7,22 @@ overview are checked with a real rollout, in tests/e2e/test_dashboard.py.)
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
 from datetime import timedelta
-from pathlib import Path
 
-import pytest
 from prometheus_client import CollectorRegistry
 
 from fleet.audit import Entry
 from fleet.audit_log import AuditLog
-from fleet.db import close_database, open_database
 from fleet.db.models import Device
 from fleet.overview import FleetGauges, fleet_overview
 from fleet.tuf_store import utcnow
-
-
-@pytest.fixture
-async def database(tmp_path: Path) -> AsyncIterator[None]:
-    # SQLite only: Tortoise keeps one dialect per process (see test_telemetry_store).
-    await open_database(f"sqlite://{tmp_path / 'fleet.sqlite3'}")
-    yield
-    await close_database()
 
 
 async def _device(n: int, **fields: object) -> None:
     await Device.create(id=f"dev{n:08d}", public_key=f"{n:064x}", **fields)
 
 
-async def test_the_overview_counts_each_device_once_per_heading(database: None) -> None:
+async def test_the_overview_counts_each_device_once_per_heading(database: str) -> None:
     now = utcnow()
     fresh, old = now + timedelta(hours=1), now - timedelta(minutes=1)
     await _device(1, online=True, attestation_status="affirming", attestation_expires_at=fresh)

@@ -11,7 +11,6 @@ signed reports through `TelemetryIngest`, then the queries, retention and the ga
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from prometheus_client import CollectorRegistry
 
 from attestation.identity import DeviceIdentity
 from attestation.keys import raw_public_bytes
-from fleet.db import close_database, open_database
 from fleet.db.models import Device, TelemetryReport, TelemetryValue
 from fleet.telemetry.consumer import enrolled_key
 from fleet.telemetry.metrics import TelemetryMetrics
@@ -44,17 +42,6 @@ OPS = {
     "rss_bytes": 1,
     "reports_dropped": 0,
 }
-
-
-@pytest.fixture
-async def database(tmp_path: Path) -> AsyncIterator[str]:
-    # SQLite only: Tortoise keeps one dialect per process, and other tests of the session run a
-    # controller on SQLite in-process. PostgreSQL's ingest and queries are covered by
-    # test_telemetry_workers (workers and controller as processes).
-    url = f"sqlite://{tmp_path / 'fleet.sqlite3'}"
-    await open_database(url)
-    yield url
-    await close_database()
 
 
 def _signed(identity: DeviceIdentity, seq: int, end: float, rune: str, value: float) -> bytes:
